@@ -1,0 +1,292 @@
+"""The Qwen3 decoder (R-4B's language model), written to match transformers' ``Qwen3ForCausalLM``.
+
+Per layer:  x = x + o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))     (QK-norm BEFORE RoPE)
+            x = x + down_proj(silu(gate_proj(y)) * up_proj(y)),  y = post_attention_layernorm(x)
+with RMSNorm (variance in fp32), GQA, full causal attention, no biases (attention_bias=false).
+
+Notation: B batch, T new tokens, S key/value slots, C hidden_size, Hq/Hkv query/key-value heads,
+D head_dim, V vocab_size.
+
+Module and parameter names are transformers' own (``model.layers.N.self_attn.q_proj``, ...), so an HF
+``Qwen3ForCausalLM`` state dict loads by name. The model keeps no inference state: a ``KVCache`` is
+passed into ``forward`` and the model writes into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from r4b_core.attention import attention
+from r4b_core.config import TextConfig
+from r4b_core.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)`` with the statistics in fp32, cast back before the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: TextConfig) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32, always computed on the CPU (bit-stable across devices)."""
+    d = config.head_dim
+    exponents = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_scaling["factor"]
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Real cos/sin tables from positions, in fp32, half-split (``rotate_half``) convention."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        # explicit CPU device: stays real even when the model is built under torch.device("meta")
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, sin [B, T, D] in fp32."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D] (fp32, cast to x's dtype as transformers does)."""
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [B, 1, T, D]
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttentionLayout:
+    """Everything the layers need to know about this forward's batch layout, computed once.
+
+    mask:      bool [B, 1, T, S] (True = may attend) or None for plain causal attention
+    slots:     int64 [B, T] cache slot of each new token (cache only)
+    valid:     bool [B, T] which new tokens are real (None = all); padding is never cached
+    kv_len:    S, the number of cache slots attended to
+    """
+
+    mask: torch.Tensor | None
+    slots: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    kv_len: int = 0
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        c, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, over D
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: AttentionLayout,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            kv_cache.write(self.layer_idx, k, v, layout.slots, layout.valid)
+            k, v = kv_cache.read(self.layer_idx, layout.kv_len)  # [B, Hkv, S, D]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out = attention(q, k, v, layout.mask, is_causal=True, scale=self.scale,
+                        dropout_p=self.dropout if self.training else 0.0)  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    """Pre-norm block; the unit for activation checkpointing, per-block compile and FSDP2."""
+
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen3Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Qwen3MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _positions_and_layout(
+    batch: int, n_new: int, device: torch.device, attention_mask: torch.Tensor | None, kv_cache: KVCache | None
+) -> tuple[torch.Tensor, AttentionLayout, torch.Tensor | None]:
+    """Default RoPE positions [B, T], the attention layout, and the cache's new seq_lens (or None).
+
+    A token's position is the number of real tokens before it (its own sequence's cache included),
+    so a left-padded sequence gets the same positions as when it runs alone.
+    """
+    valid = attention_mask.bool() if attention_mask is not None else None
+    if valid is not None and valid.shape != (batch, n_new):
+        raise ValueError(f"attention_mask has shape {tuple(valid.shape)}, expected (batch, tokens) = {(batch, n_new)}.")
+    if valid is None:
+        offsets = torch.arange(n_new, device=device).expand(batch, n_new)  # [B, T]
+    else:
+        offsets = (valid.long().cumsum(-1) - 1).clamp(min=0)  # padding borrows a neighbour's position
+    if kv_cache is None:
+        if valid is None:
+            return offsets, AttentionLayout(mask=None), None  # plain causal: SDPA's fused path
+        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()  # [T, T]
+        mask = causal[None] & valid[:, None, :]  # [B, T, T]: causal and key is real
+        mask = mask | ~valid[:, :, None]  # padding queries see everything (finite junk, no NaN)
+        return offsets, AttentionLayout(mask=mask[:, None]), None
+
+    past = kv_cache.seq_lens.long()  # [B]
+    slots = past[:, None] + offsets  # [B, T]
+    new_lens = past + (valid.sum(-1) if valid is not None else n_new)
+    if not torch.compiler.is_compiling():
+        kv_cache.check_capacity(new_lens)
+    # decode (T == 1): attend over the whole cache so shapes stay static; prefill: only the used part
+    kv_len = kv_cache.capacity if n_new == 1 else int(new_lens.max())
+    key_slot = torch.arange(kv_len, device=device)  # [S]
+    mask = key_slot[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal in slot space
+    if valid is not None:
+        mask = mask | ~valid[:, :, None]
+    return slots, AttentionLayout(mask=mask[:, None], slots=slots, valid=valid, kv_len=kv_len), new_lens
+
+
+class Qwen3Model(nn.Module):
+    """Embeddings, decoder layers and the final norm; returns hidden states [B, T, C]."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, C].")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
+        if x.ndim != 3 or x.shape[1] == 0:
+            raise ValueError(f"expected a non-empty batch [B, T, C] of embeddings, got shape {tuple(x.shape)}.")
+        B, T, _ = x.shape
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"kv_cache holds {kv_cache.batch_size} sequences but the input has batch size {B}.")
+        default_pos, layout, new_lens = _positions_and_layout(B, T, x.device, attention_mask, kv_cache)
+        cos, sin = self.rotary_emb(default_pos if position_ids is None else position_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, layout, kv_cache)
+        if kv_cache is not None:
+            kv_cache.seq_lens.copy_(new_lens)
+        return self.norm(x)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T', V]
+    loss: torch.Tensor | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross entropy (logits at t predict labels at t+1), fp32, mean over counted tokens."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """The text-only model: ``model`` (Qwen3Model) plus ``lm_head``, usable on its own."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share embed_tokens' weight with lm_head (when config.tie_word_embeddings)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """``logits_to_keep=n`` computes logits for the last n positions only (0 = all)."""
+        hidden = self.model(input_ids, inputs_embeds, position_ids, attention_mask, kv_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | Path,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        revision: str | None = None,
+    ) -> "Qwen3ForCausalLM":
+        """Load the decoder from a Qwen3 checkpoint, or the text side of an R-4B checkpoint."""
+        from r4b_weights import load_text_model  # weights I/O depends on this module, not the reverse
+
+        return load_text_model(path_or_repo, dtype=dtype, device=device, revision=revision)

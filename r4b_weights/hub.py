@@ -1,0 +1,70 @@
+"""Turn a local directory or a Hugging Face hub id into a local checkpoint directory.
+
+A local directory is used as it is and never touches the network. A hub id (``YannQi/R-4B``) goes
+through ``huggingface_hub.snapshot_download``, restricted to the files r4b reads, at ``revision``;
+with ``HF_HUB_OFFLINE=1`` only the local HF cache is consulted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# What r4b reads from a checkpoint: weights, configs, tokenizer, chat template, and any remote-code
+# .py files (kept so that an export carries them along).
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.py",
+]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE read now (huggingface_hub itself reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and "\\" not in s
+
+
+def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory for ``path_or_repo`` (downloading from the hub if needed)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to hub ids only; {path} is a local directory.")
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json.")
+    text = str(path_or_repo)
+    if not _looks_like_repo_id(text):
+        raise FileNotFoundError(f"{text}: no such checkpoint directory (and not a hub id of the form 'owner/name').")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    offline = hub_offline()
+    try:
+        local = snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline)
+    except LocalEntryNotFoundError as e:
+        why = "HF_HUB_OFFLINE is set and it is not in the local HF cache" if offline else "it could not be downloaded"
+        raise FileNotFoundError(
+            f"{text} (revision {revision or 'main'}): {why}. Pass a local directory, or download it first ({e})."
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise FileNotFoundError(f"{text} (revision {revision or 'main'}): not found on the hub ({e}).") from None
+    return Path(local)

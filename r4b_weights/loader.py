@@ -1,0 +1,204 @@
+"""Load checkpoint tensors into a model built on the meta device, strictly.
+
+Order of work, so that a bad checkpoint never yields a half-loaded model:
+1. find the safetensors files (index, shards) and read every header (names, shapes; no data);
+2. map HF names to ours through the one table in ``names.py``;
+3. check config.json against the tensors, then missing / unexpected / mis-shaped tensors, and
+   raise one error naming the HF tensor, its file and both shapes;
+4. only then read the tensors (mmap, one at a time), cast each to the requested dtype, and
+   ``load_state_dict(strict=True, assign=True)``; tie lm_head when the config says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from r4b_core.config import TextConfig, read_config_json, text_config_from_dict
+from r4b_core.qwen3 import Qwen3ForCausalLM
+from r4b_weights.errors import (
+    ConfigMismatchError,
+    CorruptCheckpointError,
+    MissingTensorError,
+    ShapeMismatchError,
+    UnexpectedTensorError,
+    name_list,
+)
+from r4b_weights.hub import resolve_checkpoint
+from r4b_weights.names import QWEN3, R4B, UnknownTensorName, full_to_text, hf_to_ours, ours_to_hf, text_to_full
+from r4b_weights.safetensors_io import TensorInfo, find_weight_files, iter_tensors, read_headers
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str, raw_config: dict | None = None) -> torch.dtype:
+    """A torch dtype from a dtype, a name ('bfloat16', ...), or 'auto' (config.json's dtype, else fp32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        raw_config = raw_config or {}
+        text = raw_config.get("text_config") or {}
+        name = (raw_config.get("dtype") or raw_config.get("torch_dtype")
+                or text.get("dtype") or text.get("torch_dtype") or "float32")
+        return resolve_dtype(name)
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of float32, bfloat16, float16 or 'auto'.")
+    return DTYPES[dtype]
+
+
+# A check is (model tensor name, dimension, config key, value config.json gives it).
+ConfigCheck = tuple[str, int, str, int]
+
+
+def text_config_checks(config: TextConfig, prefix: str, section: str) -> list[ConfigCheck]:
+    """What a Qwen3 config implies for layer-0 tensor shapes; ``prefix`` is the decoder's name prefix."""
+    key = (section + ".") if section else ""
+    layer0 = f"{prefix}layers.0."
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    return [
+        (f"{prefix}embed_tokens.weight", 0, f"{key}vocab_size", config.vocab_size),
+        (f"{prefix}embed_tokens.weight", 1, f"{key}hidden_size", config.hidden_size),
+        (f"{layer0}self_attn.q_norm.weight", 0, f"{key}head_dim", config.head_dim),
+        (f"{layer0}self_attn.q_proj.weight", 0, f"{key}num_attention_heads * head_dim", q_rows),
+        (f"{layer0}self_attn.k_proj.weight", 0, f"{key}num_key_value_heads * head_dim", kv_rows),
+        (f"{layer0}mlp.gate_proj.weight", 0, f"{key}intermediate_size", config.intermediate_size),
+    ]
+
+
+def _check_config(
+    checks: list[ConfigCheck], layer_counts: list[tuple[str, str, int]], shapes: dict[str, tuple[int, ...]],
+    hf_name: dict[str, str], infos: dict[str, TensorInfo], config_path: str,
+) -> None:
+    problems = []
+    for name, dim, key, value in checks:
+        if name in shapes and len(shapes[name]) > dim and shapes[name][dim] != value:
+            hf = hf_name[name]
+            problems.append(
+                f"{key} = {value}, but tensor '{hf}' in {infos[hf].file.name} has shape {list(shapes[name])} "
+                f"(dimension {dim} is {shapes[name][dim]})"
+            )
+    for pattern, key, value in layer_counts:
+        found = {int(m.group(1)) for n in shapes if (m := re.match(pattern, n))}
+        if found and found != set(range(value)):
+            problems.append(f"{key} = {value}, but the checkpoint has layers {min(found)}..{max(found)} ({len(found)} layers)")
+    if problems:
+        raise ConfigMismatchError(f"{config_path} disagrees with the checkpoint's tensors: " + "; ".join(problems) + ".")
+
+
+def load_checkpoint_into(
+    model: nn.Module,
+    directory: Path,
+    to_model_name: Callable[[str], str | None],
+    to_hf_name: Callable[[str], str],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tied: dict[str, str],
+    config_checks: list[ConfigCheck],
+    layer_counts: list[tuple[str, str, int]],
+    config_path: str,
+) -> None:
+    """Fill a meta-device ``model`` from the safetensors in ``directory``; see the module docstring.
+
+    to_model_name: HF name -> model state-dict name (None: dropped by an explicit rule; raises
+    UnknownTensorName for names no rule covers). to_hf_name: the inverse, for messages.
+    tied: model name -> the model name it shares storage with (not read from the checkpoint).
+    layer_counts: (regex with the layer index as group 1, config key, expected count).
+    """
+    files, index = find_weight_files(directory)
+    infos = read_headers(files, index)
+
+    hf_name: dict[str, str] = {}  # model name -> HF name
+    unexpected: list[str] = []
+    for hf in infos:
+        try:
+            name = to_model_name(hf)
+        except UnknownTensorName:
+            unexpected.append(hf)
+            continue
+        if name is None or name in tied:  # dropped by rule, or a stored copy of a tied weight (ignored, as in transformers)
+            continue
+        if name in hf_name:
+            raise CorruptCheckpointError(
+                f"{directory}: tensors '{hf_name[name]}' and '{hf}' are two spellings of the same weight; keep one."
+            )
+        hf_name[name] = hf
+    shapes = {name: infos[hf].shape for name, hf in hf_name.items()}
+    _check_config(config_checks, layer_counts, shapes, hf_name, infos, config_path)
+
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in tied}
+    missing = [n for n in expected if n not in hf_name]
+    unexpected += [hf for name, hf in hf_name.items() if name not in expected]
+    where = f"{directory} ({', '.join(f.name for f in files)})"
+    if missing:
+        raise MissingTensorError(
+            f"{where} lacks tensor(s) the model needs: {name_list(to_hf_name(n) for n in missing)}. "
+            "Is the checkpoint complete and does config.json describe it?"
+        )
+    if unexpected:
+        detail = ", ".join(f"'{hf}' (in {infos[hf].file.name})" for hf in sorted(unexpected)[:8])
+        more = f" ... and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
+        raise UnexpectedTensorError(
+            f"{where} holds tensor(s) this model has no place for: {detail}{more}. "
+            "Is this checkpoint for a different architecture or config?"
+        )
+    wrong = [(n, expected[n], shapes[n]) for n in expected if shapes[n] != expected[n]]
+    if wrong:
+        detail = "; ".join(
+            f"'{hf_name[n]}' in {infos[hf_name[n]].file.name} has shape {list(got)}, expected {list(want)}"
+            for n, want, got in wrong[:8]
+        )
+        raise ShapeMismatchError(f"{where}: wrong tensor shape(s): {detail}.")
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, hf in hf_name.items():
+        by_file[infos[hf].file].append(hf)
+    model_name = {hf: name for name, hf in hf_name.items()}
+    state: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        for hf, tensor in iter_tensors(path, names, dtype, device):
+            state[model_name[hf]] = tensor
+    for name, source in tied.items():
+        state[name] = state[source]
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_text_model(
+    path_or_repo: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+) -> Qwen3ForCausalLM:
+    """A ``Qwen3ForCausalLM`` from a Qwen3 checkpoint or from the text side of an R-4B checkpoint."""
+    directory = resolve_checkpoint(path_or_repo, revision)
+    config_path, raw = read_config_json(directory)
+    config = text_config_from_dict(raw, source=str(config_path))
+    is_r4b = "text_config" in raw
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+
+    def to_model_name(hf: str) -> str | None:
+        ours = hf_to_ours(hf)
+        return None if ours is None else full_to_text(ours)  # vision side: not part of the text model
+
+    def to_hf_name(name: str) -> str:
+        return ours_to_hf(text_to_full(name), R4B if is_r4b else QWEN3)
+
+    section = "text_config" if is_r4b else ""
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    load_checkpoint_into(
+        model, directory, to_model_name, to_hf_name, resolve_dtype(dtype, raw), device, tied,
+        config_checks=text_config_checks(config, "model.", section),
+        layer_counts=[(r"model\.layers\.(\d+)\.", f"{section + '.' if section else ''}num_hidden_layers",
+                       config.num_hidden_layers)],
+        config_path=str(config_path),
+    )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(device).eval()

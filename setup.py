@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="r4b",
+    version="0.1.0",
+    description="A hackable PyTorch implementation of the R-4B vision-language model",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["r4b_core", "r4b_core.*", "r4b_weights", "r4b_weights.*",
+                                    "r4b_kernels", "r4b_kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "safetensors",
+        "tokenizers",
+        "huggingface_hub",
+        "pillow",
+        "numpy",
+        "jinja2",
+    ],
+    extras_require={
+        "parity": ["transformers>=4.51"],
+        "test": ["pytest", "transformers>=4.51", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["r4b=r4b_core.cli:main"]},
+)
