@@ -1,0 +1,161 @@
+"""The ``r4b`` command.
+
+    r4b inspect CHECKPOINT      describe a checkpoint from its config and safetensors headers
+                                (no tensor data is read); --load also loads the text model strictly
+    r4b inspect --preset NAME   build a random-init text decoder of a preset and run it: a prefill,
+                                greedy cached decoding, and a check that cached equals uncached
+
+Generation, parity, synthetic checkpoints and benchmarks are added by later issues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+
+import torch
+
+
+def _count_by_part(infos: dict) -> dict[str, int]:
+    from r4b_weights.names import UnknownTensorName, hf_to_ours
+
+    parts: Counter[str] = Counter()
+    for hf, info in infos.items():
+        n = 1
+        for d in info.shape:
+            n *= d
+        try:
+            ours = hf_to_ours(hf)
+        except UnknownTensorName:
+            ours = "?"
+        if ours is None:
+            part = "dropped (unused)"
+        elif ours.startswith("language_model.lm_head"):
+            part = "lm_head"
+        elif ours.startswith("language_model."):
+            part = "text decoder"
+        elif ours == "?":
+            part = "unknown names"
+        else:
+            part = ours.split(".")[0]
+        parts[part] += n
+    return dict(parts)
+
+
+def _inspect_checkpoint(args: argparse.Namespace) -> int:
+    from r4b_core.config import R4BConfig, read_config_json, text_config_from_dict
+    from r4b_weights import load_text_model, resolve_checkpoint
+    from r4b_weights.safetensors_io import find_weight_files, read_headers
+
+    directory = resolve_checkpoint(args.checkpoint, args.revision)
+    config_path, raw = read_config_json(directory)
+    text = text_config_from_dict(raw, source=str(config_path))
+    print(f"checkpoint   {directory}")
+    if "text_config" in raw:
+        cfg = R4BConfig.from_hf_dict(raw, source=str(config_path))
+        v = cfg.vision_config
+        print(f"kind         R-4B ({', '.join(cfg.architectures)})")
+        print(f"vision       {v.num_hidden_layers} layers, width {v.hidden_size}, {v.num_attention_heads} heads, "
+              f"{v.image_size}px tiles, patch {v.patch_size}; feature layer {cfg.vision_feature_layer}")
+        print(f"anyres       {cfg.vision_aspect_ratio}, pinpoints {cfg.image_grid_pinpoints}; image token {cfg.image_token_index}")
+    else:
+        print(f"kind         text-only ({raw.get('model_type', 'qwen3')})")
+    print(f"text         {text.num_hidden_layers} layers, width {text.hidden_size}, heads {text.num_attention_heads}/"
+          f"{text.num_key_value_heads} x {text.head_dim}, vocab {text.vocab_size}, RoPE {text.rope_type} "
+          f"theta {text.rope_theta:g} ({text.rope_form} form); lm_head {'tied' if text.tie_word_embeddings else 'separate'}")
+    files, index = find_weight_files(directory)
+    infos = read_headers(files, index)
+    dtypes = Counter(info.dtype for info in infos.values())
+    print(f"weights      {len(infos)} tensors in {len(files)} file(s){' (sharded)' if index else ''}; "
+          f"dtypes {dict(dtypes)}")
+    parts = _count_by_part(infos)
+    for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {part:<22} {n:>15,d} parameters")
+    print(f"  {'total':<22} {sum(parts.values()):>15,d} parameters")
+    if args.load:
+        t0 = time.perf_counter()
+        model = load_text_model(directory, dtype=args.dtype, device=args.device)
+        print(f"loaded       text model strictly in {time.perf_counter() - t0:.2f} s "
+              f"({sum(p.numel() for p in model.parameters()):,d} parameters, {args.dtype} on {args.device})")
+    return 0
+
+
+@torch.no_grad()
+def _inspect_preset(args: argparse.Namespace) -> int:
+    from r4b_core.config import preset
+    from r4b_core.kv_cache import KVCache
+    from r4b_core.qwen3 import Qwen3ForCausalLM
+    from r4b_weights.loader import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
+    config = preset(args.preset).text_config
+    torch.manual_seed(args.seed)
+    print(f"preset {args.preset}: random-init text decoder, {config.num_hidden_layers} layers, width "
+          f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads} x {config.head_dim}")
+    model = Qwen3ForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+    print(f"parameters   {sum(p.numel() for p in model.parameters()):,d} ({dtype}, {args.device})")
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device=args.device)
+    cache = KVCache.for_model(config, 1, args.prompt_tokens + args.new_tokens, dtype=dtype, device=args.device)
+    t0 = time.perf_counter()
+    logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
+    t1 = time.perf_counter()
+    tokens = [int(logits[0, -1].argmax())]
+    for _ in range(args.new_tokens - 1):
+        logits = model(torch.tensor([[tokens[-1]]], device=args.device), kv_cache=cache).logits
+        tokens.append(int(logits[0, -1].argmax()))
+    t2 = time.perf_counter()
+    # the same greedy continuation without the cache, one full forward per token
+    seq = prompt
+    for _ in range(args.new_tokens):
+        nxt = model(seq, logits_to_keep=1).logits[0, -1].argmax()
+        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    same = seq[0, args.prompt_tokens:].tolist() == tokens
+    print(f"prefill      {args.prompt_tokens} tokens in {1e3 * (t1 - t0):.1f} ms")
+    print(f"decode       {args.new_tokens - 1} cached steps at {(args.new_tokens - 1) / (t2 - t1):.1f} tokens/s")
+    print(f"greedy ids   {tokens[:12]}{' ...' if len(tokens) > 12 else ''}")
+    print(f"check        cached decode {'equals' if same else 'DIFFERS FROM'} uncached decode")
+    return 0 if same else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r4b", description="R-4B in plain PyTorch.")
+    from r4b_core import __version__
+
+    parser.add_argument("--version", action="version", version=f"r4b {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="describe a checkpoint, or run a random-init preset decoder",
+                       description="Describe a checkpoint (config + safetensors headers), or build and run a "
+                                   "random-init preset text decoder.")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory or hub id (owner/name)")
+    p.add_argument("--preset", choices=["tiny", "small", "r4b"], help="run a random-init text decoder of this preset")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
+    p.add_argument("--load", action="store_true", help="also load the text model strictly (reads all its tensors)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="random prompt length for --preset (default 32)")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to decode for --preset (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for --preset weights (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        if (args.checkpoint is None) == (args.preset is None):
+            print("r4b inspect: give a CHECKPOINT or --preset NAME (one of them).", file=sys.stderr)
+            return 2
+        if args.preset and (args.prompt_tokens < 1 or args.new_tokens < 1):
+            print("r4b inspect: --prompt-tokens and --new-tokens must be at least 1.", file=sys.stderr)
+            return 2
+        try:
+            return _inspect_preset(args) if args.preset else _inspect_checkpoint(args)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            print(f"r4b inspect: {e}", file=sys.stderr)
+            return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
