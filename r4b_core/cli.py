@@ -76,7 +76,7 @@ def _inspect_checkpoint(args: argparse.Namespace) -> int:
     print(f"  {'total':<22} {sum(parts.values()):>15,d} parameters")
     if args.load:
         t0 = time.perf_counter()
-        model = load_text_model(directory, dtype=args.dtype, device=args.device)
+        model = load_text_model(directory, dtype=args.dtype, device=args.device, progress=True)
         print(f"loaded       text model strictly in {time.perf_counter() - t0:.2f} s "
               f"({sum(p.numel() for p in model.parameters()):,d} parameters, {args.dtype} on {args.device})")
     return 0

@@ -285,8 +285,9 @@ class Qwen3ForCausalLM(nn.Module):
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         revision: str | None = None,
+        progress: bool = False,
     ) -> "Qwen3ForCausalLM":
-        """Load the decoder from a Qwen3 checkpoint, or the text side of an R-4B checkpoint."""
+        """Load the decoder from a Qwen3 checkpoint (local dir or hub id), or the text side of an R-4B one."""
         from r4b_weights import load_text_model  # weights I/O depends on this module, not the reverse
 
-        return load_text_model(path_or_repo, dtype=dtype, device=device, revision=revision)
+        return load_text_model(path_or_repo, dtype=dtype, device=device, revision=revision, progress=progress)

@@ -92,6 +92,12 @@ def _check_config(
         raise ConfigMismatchError(f"{config_path} disagrees with the checkpoint's tensors: " + "; ".join(problems) + ".")
 
 
+def _progress_bar(total: int, label: str):
+    from tqdm.auto import tqdm  # a dependency of huggingface_hub
+
+    return tqdm(total=total, desc=f"loading {label}", unit="tensor", leave=False)
+
+
 def load_checkpoint_into(
     model: nn.Module,
     directory: Path,
@@ -103,6 +109,7 @@ def load_checkpoint_into(
     config_checks: list[ConfigCheck],
     layer_counts: list[tuple[str, str, int]],
     config_path: str,
+    progress: bool = False,
 ) -> None:
     """Fill a meta-device ``model`` from the safetensors in ``directory``; see the module docstring.
 
@@ -110,6 +117,7 @@ def load_checkpoint_into(
     UnknownTensorName for names no rule covers). to_hf_name: the inverse, for messages.
     tied: model name -> the model name it shares storage with (not read from the checkpoint).
     layer_counts: (regex with the layer index as group 1, config key, expected count).
+    progress: show a progress bar (on stderr) while tensors are read.
     """
     files, index = find_weight_files(directory)
     infos = read_headers(files, index)
@@ -161,9 +169,14 @@ def load_checkpoint_into(
         by_file[infos[hf].file].append(hf)
     model_name = {hf: name for name, hf in hf_name.items()}
     state: dict[str, torch.Tensor] = {}
+    bar = _progress_bar(sum(len(n) for n in by_file.values()), directory.name) if progress else None
     for path, names in by_file.items():
         for hf, tensor in iter_tensors(path, names, dtype, device):
             state[model_name[hf]] = tensor
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     for name, source in tied.items():
         state[name] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
@@ -174,8 +187,12 @@ def load_text_model(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     revision: str | None = None,
+    progress: bool = False,
 ) -> Qwen3ForCausalLM:
-    """A ``Qwen3ForCausalLM`` from a Qwen3 checkpoint or from the text side of an R-4B checkpoint."""
+    """A ``Qwen3ForCausalLM`` from a Qwen3 checkpoint or from the text side of an R-4B checkpoint.
+
+    dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
+    """
     directory = resolve_checkpoint(path_or_repo, revision)
     config_path, raw = read_config_json(directory)
     config = text_config_from_dict(raw, source=str(config_path))
@@ -198,6 +215,7 @@ def load_text_model(
         layer_counts=[(r"model\.layers\.(\d+)\.", f"{section + '.' if section else ''}num_hidden_layers",
                        config.num_hidden_layers)],
         config_path=str(config_path),
+        progress=progress,
     )
     if config.tie_word_embeddings:
         model.tie_weights()

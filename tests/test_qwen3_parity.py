@@ -95,3 +95,19 @@ def test_parity_check_detects_qk_norm_after_rope(hf_qwen3_dir, monkeypatch):
     ids = _ids()
     with torch.no_grad():
         assert _max_diff(ours(ids).logits, hf(input_ids=ids).logits) > 100 * TOL
+
+
+def test_bfloat16_logits_match_transformers_bfloat16(hf_qwen3_dir):
+    """Same casts as transformers (RMSNorm stats in fp32, cos/sin cast to the activation dtype)."""
+    import transformers
+
+    directory, hf32 = hf_qwen3_dir
+    hf16 = transformers.Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, attn_implementation="sdpa")
+    ours = Qwen3ForCausalLM.from_pretrained(directory, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    ids = _ids()
+    with torch.no_grad():
+        got, want = ours(ids).logits, hf16.eval()(input_ids=ids).logits
+        rounding = _max_diff(got, hf32(input_ids=ids).logits)  # what bf16 itself costs
+    assert got.dtype == torch.bfloat16
+    assert _max_diff(got, want) <= 1e-2 < rounding
