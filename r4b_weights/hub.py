@@ -43,7 +43,10 @@ def _looks_like_repo_id(s: str) -> bool:
 
 def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """A local checkpoint directory for ``path_or_repo`` (downloading from the hub if needed)."""
-    path = Path(path_or_repo).expanduser()
+    try:
+        path = Path(path_or_repo).expanduser()
+    except RuntimeError:  # "~someone/..." for a user that does not exist
+        raise FileNotFoundError(f"{path_or_repo}: no such checkpoint directory.") from None
     if path.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids only; {path} is a local directory.")

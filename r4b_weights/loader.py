@@ -194,6 +194,7 @@ def load_text_model(
     dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
     """
     directory = resolve_checkpoint(path_or_repo, revision)
+    find_weight_files(directory)  # a pickle-only directory is refused before anything else is read
     config_path, raw = read_config_json(directory)
     config = text_config_from_dict(raw, source=str(config_path))
     is_r4b = "text_config" in raw

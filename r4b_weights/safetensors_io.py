@@ -132,10 +132,19 @@ def _shard_plan(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[
     return shards
 
 
+def remove_weight_files(directory: Path) -> None:
+    """Delete weights an earlier save left (a stale index would otherwise win over a new single file)."""
+    stale = [directory / SINGLE_NAME, directory / INDEX_NAME, *directory.glob("model-*-of-*.safetensors")]
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> list[Path]:
     """Write ``tensors`` as model.safetensors, or as numbered shards plus an index above the threshold."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_weight_files(directory)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     plan = _shard_plan(tensors, max_shard_bytes)
     metadata = {"format": "pt"}

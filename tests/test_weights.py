@@ -316,13 +316,17 @@ def test_transformers_loads_our_export(tmp_path, tie):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: save_hf_checkpoint leaves a stale shard index behind, "
-                   "which then wins over the new model.safetensors (see report)")
 def test_resaving_into_the_same_directory_loads_the_new_weights(tmp_path):
     saved(tmp_path, seed=0, max_shard_bytes=40_000)  # an earlier sharded save
     _, newer = saved(tmp_path, seed=1)  # re-export (single file) into the same directory
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert not list(tmp_path.glob("model-*-of-*.safetensors"))
     loaded = Qwen3ForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.model.embed_tokens.weight, newer.model.embed_tokens.weight)
+    _, sharded = saved(tmp_path, seed=2, max_shard_bytes=40_000)  # and back to shards
+    assert not (tmp_path / "model.safetensors").exists()
+    loaded = Qwen3ForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.embed_tokens.weight, sharded.model.embed_tokens.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,3 +772,14 @@ def test_hub_download_failure_becomes_file_not_found(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="could not be downloaded") as e:
         resolve_checkpoint("owner/name", revision="v2")
     assert "owner/name" in str(e.value) and "v2" in str(e.value)
+
+
+def test_unknown_home_directory_is_file_not_found():
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        resolve_checkpoint("~no-such-user-r4b/checkpoint")
+
+
+def test_pickle_only_directory_without_config_is_refused_as_pickle(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(PickleCheckpointError, match="pytorch_model.bin"):
+        Qwen3ForCausalLM.from_pretrained(tmp_path)
