@@ -4,8 +4,9 @@
                                 (no tensor data is read); --load also loads the text model strictly
     r4b inspect --preset NAME   build a random-init text decoder of a preset and run it: a prefill,
                                 greedy cached decoding, and a check that cached equals uncached
+    r4b make-synthetic DIR      write a random-init checkpoint in R-4B's HF layout (tiny/small/r4b)
 
-Generation, parity, synthetic checkpoints and benchmarks are added by later issues.
+Generation, parity and benchmarks are added by later issues.
 """
 
 from __future__ import annotations
@@ -74,12 +75,43 @@ def _inspect_checkpoint(args: argparse.Namespace) -> int:
     for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {part:<22} {n:>15,d} parameters")
     print(f"  {'total':<22} {sum(parts.values()):>15,d} parameters")
-    if args.load:
+    if args.load and "text_config" in raw:
+        _load_and_run_r4b(directory, args)
+    elif args.load:
         t0 = time.perf_counter()
         model = load_text_model(directory, dtype=args.dtype, device=args.device, progress=True)
         print(f"loaded       text model strictly in {time.perf_counter() - t0:.2f} s "
               f"({sum(p.numel() for p in model.parameters()):,d} parameters, {args.dtype} on {args.device})")
     return 0
+
+
+@torch.no_grad()
+def _load_and_run_r4b(directory, args: argparse.Namespace) -> None:
+    """Load the full model strictly and run one forward on a generated picture."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from r4b_core.anyres import num_image_tokens
+    from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
+    from r4b_core.model import R4BForConditionalGeneration
+
+    t0 = time.perf_counter()
+    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=args.dtype, device=args.device, progress=True)
+    t1 = time.perf_counter()
+    print(f"loaded       full model strictly in {t1 - t0:.2f} s "
+          f"({sum(p.numel() for p in model.parameters()):,d} parameters, {args.dtype} on {args.device})")
+    width, height = 640, 480
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    ImageDraw.Draw(picture).ellipse([100, 100, 400, 350], fill=(220, 30, 30))
+    inputs = preprocess_images([picture], ImageProcessorConfig.from_pretrained(directory))
+    n_image = num_image_tokens((height, width), model.config)
+    ids = torch.tensor([[151644, *[model.config.image_token_index] * n_image, 151645]], device=args.device)
+    t2 = time.perf_counter()
+    logits = model(ids, pixel_values=inputs["pixel_values"].to(args.device),
+                   image_sizes=inputs["image_sizes"], logits_to_keep=1).logits
+    t3 = time.perf_counter()
+    print(f"forward      {width}x{height} picture -> {inputs['pixel_values'].shape[1]} views, {n_image} image tokens; "
+          f"{ids.shape[1]}-token prompt in {t3 - t2:.2f} s; next-token argmax {int(logits[0, -1].argmax())}")
 
 
 @torch.no_grad()
@@ -119,6 +151,20 @@ def _inspect_preset(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from r4b_core.synthetic import make_synthetic_checkpoint
+    from r4b_weights.loader import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if args.preset == "r4b" else "float32"))
+    t0 = time.perf_counter()
+    print(f"writing a random-init '{args.preset}' checkpoint (seed {args.seed}, {dtype}) to {args.directory} ...",
+          flush=True)
+    make_synthetic_checkpoint(args.directory, args.preset, seed=args.seed, dtype=dtype,
+                              max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"done in {time.perf_counter() - t0:.1f} s; inspect it with: r4b inspect {args.directory} --load")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r4b", description="R-4B in plain PyTorch.")
     from r4b_core import __version__
@@ -137,11 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=32, help="random prompt length for --preset (default 32)")
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to decode for --preset (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --preset weights (default 0)")
+    m = sub.add_parser("make-synthetic", help="write a random-init checkpoint in R-4B's HF layout",
+                       description="Write config.json, safetensors (R-4B tensor names), preprocessor_config.json "
+                                   "and tokenizer files for a random-init model of a preset.")
+    m.add_argument("directory", help="output directory (weight files of an earlier save there are replaced)")
+    m.add_argument("--preset", default="tiny", choices=["tiny", "small", "r4b"], help="model shape (default tiny)")
+    m.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="stored dtype (default float32; bfloat16 for --preset r4b, 9.6 GB)")
+    m.add_argument("--max-shard-gb", type=float, default=2.0, help="shard above this many GiB (default 2)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "make-synthetic":
+        try:
+            return _make_synthetic(args)
+        except (ValueError, OSError) as e:
+            print(f"r4b make-synthetic: {e}", file=sys.stderr)
+            return 1
     if args.command == "inspect":
         if (args.checkpoint is None) == (args.preset is None):
             print("r4b inspect: give a CHECKPOINT or --preset NAME (one of them).", file=sys.stderr)

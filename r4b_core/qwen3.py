@@ -55,8 +55,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
+        self.config = config
         # explicit CPU device: stays real even when the model is built under torch.device("meta")
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) / .half() / .to_empty() must not round or blank the frequencies: recompute them
+        # in fp32 on whatever device the buffer moved to.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> cos, sin [B, T, D] in fp32."""

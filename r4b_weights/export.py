@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.qwen3 import Qwen3ForCausalLM
-from r4b_weights.names import QWEN3, ours_to_hf, text_to_full
+from r4b_weights.names import QWEN3, R4B, ours_to_hf, text_to_full
 from r4b_weights.safetensors_io import write_safetensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -36,21 +37,26 @@ def save_hf_checkpoint(
 ) -> list[Path]:
     """Save ``model`` to ``directory`` in its HF layout; returns the safetensors files written.
 
-    A ``Qwen3ForCausalLM`` is written as a plain Qwen3 checkpoint (``model.*``, ``lm_head.*``).
+    ``R4BForConditionalGeneration`` is written in R-4B's layout (``model.language_model.*``,
+    ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.*``, ``model.image_newline``,
+    ``lm_head.*``); ``Qwen3ForCausalLM`` as a plain Qwen3 checkpoint (``model.*``, ``lm_head.*``).
     Shards (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) are used when
-    the tensors exceed ``max_shard_bytes``.
+    the tensors exceed ``max_shard_bytes``; weight files of an earlier save in ``directory`` are removed.
     """
-    if not isinstance(model, Qwen3ForCausalLM):
+    if isinstance(model, R4BForConditionalGeneration):
+        def hf_name(name: str) -> str:
+            return ours_to_hf(name, R4B)
+    elif isinstance(model, Qwen3ForCausalLM):
+        def hf_name(name: str) -> str:
+            return ours_to_hf(text_to_full(name), QWEN3)
+    else:
         raise TypeError(f"save_hf_checkpoint: unsupported model type {type(model).__name__}.")
     directory = Path(directory)
     tied = _tied_names(model)
-    tensors = {
-        ours_to_hf(text_to_full(name), QWEN3): t
-        for name, t in model.state_dict().items()
-        if name not in tied
-    }
+    tensors = {hf_name(name): t for name, t in model.state_dict().items() if name not in tied}
     config = model.config.to_hf_dict()
-    config.setdefault("architectures", ["Qwen3ForCausalLM"])
+    if isinstance(model, Qwen3ForCausalLM):
+        config.setdefault("architectures", ["Qwen3ForCausalLM"])
     dtype = next(iter(tensors.values())).dtype
     dtype_keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in dtype_keys:

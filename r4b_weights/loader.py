@@ -19,7 +19,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from r4b_core.config import TextConfig, read_config_json, text_config_from_dict
+from r4b_core.config import R4BConfig, TextConfig, read_config_json, text_config_from_dict
+from r4b_core.model import R4BForConditionalGeneration
+from r4b_core.projector import projector_input_size
 from r4b_core.qwen3 import Qwen3ForCausalLM
 from r4b_weights.errors import (
     ConfigMismatchError,
@@ -69,6 +71,23 @@ def text_config_checks(config: TextConfig, prefix: str, section: str) -> list[Co
         (f"{layer0}self_attn.q_proj.weight", 0, f"{key}num_attention_heads * head_dim", q_rows),
         (f"{layer0}self_attn.k_proj.weight", 0, f"{key}num_key_value_heads * head_dim", kv_rows),
         (f"{layer0}mlp.gate_proj.weight", 0, f"{key}intermediate_size", config.intermediate_size),
+    ]
+
+
+def r4b_config_checks(config: R4BConfig) -> list[ConfigCheck]:
+    """Text checks (under ``language_model.model.``) plus what the vision and projector keys imply."""
+    v = config.vision_config
+    layer0 = "vision_tower.encoder.layers.0."
+    return text_config_checks(config.text_config, "language_model.model.", "text_config") + [
+        ("vision_tower.embeddings.patch_embedding.weight", 0, "vision_config.hidden_size", v.hidden_size),
+        ("vision_tower.embeddings.patch_embedding.weight", 1, "vision_config.num_channels", v.num_channels),
+        ("vision_tower.embeddings.patch_embedding.weight", 2, "vision_config.patch_size", v.patch_size),
+        ("vision_tower.embeddings.position_embedding.weight", 0, "(vision_config.image_size // patch_size)^2",
+         v.num_patches),
+        (f"{layer0}mlp.fc1.weight", 0, "vision_config.intermediate_size", v.intermediate_size),
+        ("multi_modal_projector.linear_1.weight", 0, "text_config.hidden_size", config.text_config.hidden_size),
+        ("multi_modal_projector.linear_1.weight", 1, "vision_config.hidden_size x len(vision_feature_layer)",
+         projector_input_size(config)),
     ]
 
 
@@ -182,6 +201,14 @@ def load_checkpoint_into(
     model.load_state_dict(state, strict=True, assign=True)
 
 
+def _open_checkpoint(path_or_repo: str | Path, revision: str | None) -> tuple[Path, Path, dict]:
+    """(local directory, config.json path, its dict); a pickle-only directory is refused first."""
+    directory = resolve_checkpoint(path_or_repo, revision)
+    find_weight_files(directory)
+    config_path, raw = read_config_json(directory)
+    return directory, config_path, raw
+
+
 def load_text_model(
     path_or_repo: str | Path,
     dtype: torch.dtype | str = torch.float32,
@@ -193,9 +220,7 @@ def load_text_model(
 
     dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
     """
-    directory = resolve_checkpoint(path_or_repo, revision)
-    find_weight_files(directory)  # a pickle-only directory is refused before anything else is read
-    config_path, raw = read_config_json(directory)
+    directory, config_path, raw = _open_checkpoint(path_or_repo, revision)
     config = text_config_from_dict(raw, source=str(config_path))
     is_r4b = "text_config" in raw
     with torch.device("meta"):
@@ -220,4 +245,34 @@ def load_text_model(
     )
     if config.tie_word_embeddings:
         model.tie_weights()
+    return model.to(device).eval()
+
+
+def load_r4b_model(
+    path_or_repo: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+    progress: bool = False,
+) -> R4BForConditionalGeneration:
+    """The full R-4B model from a checkpoint in R-4B's layout (or the legacy LLaVA spelling)."""
+    directory, config_path, raw = _open_checkpoint(path_or_repo, revision)
+    config = R4BConfig.from_hf_dict(raw, source=str(config_path))
+    with torch.device("meta"):
+        model = R4BForConditionalGeneration(config)
+    tied = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"} if config.tie_lm_head else {}
+    load_checkpoint_into(
+        model, directory, hf_to_ours, lambda name: ours_to_hf(name, R4B), resolve_dtype(dtype, raw), device, tied,
+        config_checks=r4b_config_checks(config),
+        layer_counts=[
+            (r"language_model\.model\.layers\.(\d+)\.", "text_config.num_hidden_layers",
+             config.text_config.num_hidden_layers),
+            (r"vision_tower\.encoder\.layers\.(\d+)\.", "vision_config.num_hidden_layers",
+             config.vision_config.num_hidden_layers),
+        ],
+        config_path=str(config_path),
+        progress=progress,
+    )
+    if config.tie_lm_head:
+        model.language_model.tie_weights()
     return model.to(device).eval()

@@ -8,6 +8,7 @@ one at a time. Pickle files are never opened.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,13 @@ def remove_weight_files(directory: Path) -> None:
             path.unlink()
 
 
+def _make_readable(path: Path) -> None:
+    """safetensors writes 0600 files; give them the usual permissions (0644 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o644 & ~umask)
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> list[Path]:
     """Write ``tensors`` as model.safetensors, or as numbered shards plus an index above the threshold."""
     directory = Path(directory)
@@ -151,11 +159,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_sha
     if len(plan) == 1:
         path = directory / SINGLE_NAME
         save_file(tensors, str(path), metadata=metadata)
+        _make_readable(path)
         return [path]
     paths, weight_map = [], {}
     for i, names in enumerate(plan, start=1):
         path = directory / f"model-{i:05d}-of-{len(plan):05d}.safetensors"
         save_file({n: tensors[n] for n in names}, str(path), metadata=metadata)
+        _make_readable(path)
         weight_map.update({n: path.name for n in names})
         paths.append(path)
     total = sum(t.numel() * t.element_size() for t in tensors.values())

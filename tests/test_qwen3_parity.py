@@ -111,3 +111,18 @@ def test_bfloat16_logits_match_transformers_bfloat16(hf_qwen3_dir):
         rounding = _max_diff(got, hf32(input_ids=ids).logits)  # what bf16 itself costs
     assert got.dtype == torch.bfloat16
     assert _max_diff(got, want) <= 1e-2 < rounding
+
+
+def test_rope_frequencies_survive_dtype_casts_and_meta_init():
+    """model.to(bfloat16) must not round RoPE's inverse frequencies, nor to_empty() blank them."""
+    from r4b_core.config import preset
+    from r4b_core.qwen3 import rope_inv_freq
+
+    config = preset("tiny").text_config
+    exact = rope_inv_freq(config)
+    cast = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(cast.model.rotary_emb.inv_freq, exact)
+    with torch.device("meta"):
+        empty = Qwen3ForCausalLM(config)
+    assert torch.equal(empty.to_empty(device="cpu").model.rotary_emb.inv_freq, exact)
