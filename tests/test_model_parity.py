@@ -89,7 +89,7 @@ def compare(directory, ours, ref, sizes_per_sample, seed=0):
         got = ours(ids, **kwargs).logits
         want = ref(input_ids=ids, **kwargs).logits
     real = mask.bool()
-    assert want[real].std() > 0.5  # logits that carry information
+    assert want[real].abs().max() > 1.0  # logits that carry information
     return (got[real] - want[real]).abs().max().item(), int((ids == config.image_token_index).sum())
 
 

@@ -1,0 +1,259 @@
+"""Generation as free functions outside the model: prefill, decode step, sampling, stopping, streaming.
+
+    prompt ids [B, T] (left-padded) + images
+      -> prefill: one forward that fills a fresh KVCache and gives the last position's logits [B, V]
+      -> repeat: sample a token per sequence, stop finished sequences (eos / max_new_tokens),
+                 decode_step: one forward of the new tokens [B, 1] through the cache
+
+``decode_step`` has static shapes (the cache is attended over its whole capacity with a mask), so
+it can be compiled. Sampling is greedy when ``temperature == 0``; otherwise temperature, top-k and
+top-p (applied in that order, as transformers does) and a draw from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from r4b_core.kv_cache import KVCache
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+@dataclass
+class GenerationConfig:
+    """What ``generation_config.json`` says (only the keys r4b uses)."""
+
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    do_sample: bool | None = None
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "GenerationConfig":
+        """Read ``generation_config.json``; an absent file gives an empty config."""
+        path = Path(directory) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}).") from None
+        eos = d.get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(eos_token_id=eos, pad_token_id=d.get("pad_token_id"), temperature=d.get("temperature"),
+                   top_k=d.get("top_k"), top_p=d.get("top_p"), do_sample=d.get("do_sample"))
+
+    def sampling(self, seed: int | None = None) -> SamplingParams:
+        """The checkpoint's default sampling (greedy unless it sets do_sample)."""
+        if not self.do_sample:
+            return SamplingParams(seed=seed)
+        return SamplingParams(temperature=self.temperature or 1.0, top_k=self.top_k or 0, top_p=self.top_p or 1.0,
+                              seed=seed)
+
+
+@dataclass
+class GenerationOutput:
+    """New tokens per sequence (eos included when it ended the sequence) and timings."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "eos" or "length"
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_time_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding, summed over the batch."""
+        steps = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return steps / self.decode_time_s if self.decode_time_s > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. No host synchronisation."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    # exponential race: argmax(p / E), E ~ Exp(1), draws from p without a multinomial sync
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two forward shapes
+
+
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, kv_cache: KVCache, **inputs) -> torch.Tensor:
+    """Run the prompt (with images) through the model into ``kv_cache``; last-position logits [B, V]."""
+    return model(input_ids, kv_cache=kv_cache, logits_to_keep=1, **inputs).logits[:, -1]
+
+
+def decode_step(model: torch.nn.Module, tokens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    """One new token per sequence [B, 1] through the cache; logits [B, V]. Static shapes."""
+    return model(tokens, kv_cache=kv_cache).logits[:, -1]
+
+
+def check_lengths(prompt_len: int, max_new_tokens: int, capacity: int, max_positions: int) -> None:
+    """A clear error before any compute when the request cannot fit."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    need = prompt_len + max_new_tokens
+    if need > max_positions:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the model's "
+            f"max_position_embeddings ({max_positions}); shorten the prompt or lower max_new_tokens."
+        )
+    if need - 1 > capacity:  # the last sampled token is never written to the cache
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache of {need - 1} "
+            f"slots but it has {capacity}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@torch.inference_mode()
+def generate_steps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    kv_cache: KVCache | None = None,
+    decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] = decode_step,
+    **inputs,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens [B], finished [B] bool) once per generated position, until every sequence has
+    finished or ``max_new_tokens`` were produced. Finished sequences are fed ``pad_token_id``.
+
+    ``inputs`` go to the prefill forward: attention_mask, pixel_values, image_sizes, batch_num_images.
+    """
+    batch, prompt_len = input_ids.shape
+    text_config = getattr(model.config, "text_config", model.config)
+    if kv_cache is None:
+        capacity = prompt_len + max_new_tokens - 1
+        check_lengths(prompt_len, max_new_tokens, capacity, text_config.max_position_embeddings)
+        kv_cache = KVCache.for_model(text_config, batch, max(capacity, 1), dtype=_model_dtype(model),
+                                     device=input_ids.device)
+    else:
+        check_lengths(prompt_len, max_new_tokens, kv_cache.capacity - int(kv_cache.seq_lens.max()),
+                      text_config.max_position_embeddings)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(sampling.seed)
+    eos = torch.tensor(list(eos_token_ids) or [-1], device=input_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+
+    logits = prefill(model, input_ids, kv_cache, **inputs)
+    for step in range(max_new_tokens):
+        tokens = sample_next_token(logits, sampling, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+        newly_done = torch.isin(tokens, eos) & ~finished
+        yield tokens, finished.clone()
+        finished |= newly_done
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            return
+        logits = decode_fn(model, tokens[:, None], kv_cache)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams = SamplingParams(),
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    kv_cache: KVCache | None = None,
+    decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] = decode_step,
+    **inputs,
+) -> GenerationOutput:
+    """Generate for a (left-padded) batch; see ``generate_steps`` for the arguments."""
+    batch = input_ids.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    reasons = ["length"] * batch
+    eos = set(eos_token_ids)
+    start = time.perf_counter()
+    first = None
+    steps = generate_steps(model, input_ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                           eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, kv_cache=kv_cache,
+                           decode_fn=decode_fn, **inputs)
+    for new, was_finished in steps:
+        for b, (token, done) in enumerate(zip(new.tolist(), was_finished.tolist())):
+            if not done:
+                tokens[b].append(token)
+                if token in eos:
+                    reasons[b] = "eos"
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return GenerationOutput(tokens=tokens, finish_reasons=reasons, prompt_tokens=input_ids.shape[1],
+                            time_to_first_token_s=first - start, decode_time_s=end - first)
+
+
+class TextStreamer:
+    """Turns a growing token list into UTF-8-safe text deltas.
+
+    Byte-level BPE can split one character over several tokens; until the last character is
+    complete the decoded text ends in U+FFFD, and that tail is held back.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[self.emitted:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        delta, self.emitted = text[self.emitted:], len(text)
+        return delta

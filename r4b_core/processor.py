@@ -1,0 +1,634 @@
+"""Prompts and images -> model inputs, and generated ids -> (thinking, answer).
+
+    messages ──chat template (jinja2 sandbox, thinking_mode)──► prompt text with literal <image>
+    text ──────────────────────────────────────────────────────► prompt text with literal <image>
+    images ──preprocess_images──► pixel_values, image_sizes (h, w after RGB loading), batch_num_images
+    each <image> ──► num_image_tokens(image_size, config, multi_image) copies of the image token
+    prompt ──tokenizer.json (tokenizers)──► ids ──left padding──► input_ids, attention_mask [B, T]
+
+Everything is read from the checkpoint (DESIGN.md decision 10):
+- ``tokenizer.json`` through the ``tokenizers`` library; added tokens from its ``added_tokens`` plus any in
+  ``tokenizer_config.json``'s ``added_tokens_decoder`` (they must agree on ids); named special tokens
+  (``eos_token``, ``pad_token``, ...) from ``tokenizer_config.json``;
+- the image token id from ``config.json``, checked against the tokenizer's id for ``<image>``;
+- image settings from ``preprocessor_config.json``, checked against ``config.json`` (tile size and
+  pinpoints decide how many tokens an image costs, so a disagreement would break the splice);
+- stop ids from ``generation_config.json`` (``eos_token_id``), else the tokenizer's eos token;
+- the chat template from ``chat_template.jinja``, else ``chat_template.json``, else
+  ``tokenizer_config.json``; ``BUILTIN_CHAT_TEMPLATE`` when the checkpoint has none.
+
+Templates render as transformers 5.24 renders them (``utils/chat_template_utils.py``): an
+``ImmutableSandboxedEnvironment`` with ``trim_blocks``, ``lstrip_blocks``, the loop-controls extension
+and a ``{% generation %}`` block; globals ``raise_exception``, ``strftime_now``, a plain ``dict`` and an
+underscore-refusing ``namespace``; a ``tojson`` filter that is ``json.dumps`` (``ensure_ascii=False``, no
+HTML escaping, ``indent`` / ``separators`` / ``sort_keys`` options). The template sees ``messages`` (keys
+whose value is None dropped, everything rebuilt from plain JSON types: images become placeholder
+strings such as ``"<Image>"``, reasoning copied to ``reasoning_content`` / ``thinking``),
+``add_generation_prompt``, ``tools=None``, ``documents=None``, the named special tokens and every extra
+keyword (``thinking_mode`` here); keywords override special tokens of the same name.
+
+Built-in chat template (``BUILTIN_CHAT_TEMPLATE``), used only when the checkpoint ships none. R-4B's own
+template text is not public (shared/reference/r4b_spec.md §3.2), so all of it is INFERRED:
+- each message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` (Qwen3 ChatML); no default system prompt;
+- string content is written as is; list content item by item, in order, with nothing in between: a
+  text item as its text, an image item as ``<image>\\n`` (the placeholder plus one newline, the way
+  VLMEvalKit writes ``"<image>\\n"`` before the question); any other item type raises;
+- earlier assistant turns are written verbatim (their ``<think>`` blocks are not stripped);
+- the generation prompt is ``<|im_start|>assistant\\n`` followed by nothing for ``auto`` (the model
+  decides whether to think), ``<think>\\n`` for ``long`` (forces thinking) and ``<think>\\n\\n</think>\\n\\n``
+  for ``short`` (an empty thought), modelled on Qwen3's ``enable_thinking`` switch (its
+  ``enable_thinking=False`` string), not confirmed for R-4B;
+- an unknown ``thinking_mode`` raises through ``raise_exception`` (and the processor checks it first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from r4b_core import anyres
+from r4b_core.config import R4BConfig
+from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
+
+THINKING_MODES = ("auto", "long", "short")
+IMAGE_TOKEN = "<image>"
+THINK_START, THINK_END = "<think>", "</think>"
+
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES), passed to templates by these names
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+BUILTIN_CHAT_TEMPLATE = r"""{#- r4b built-in: Qwen3 ChatML + R-4B's thinking modes (inferred, see processor.py) -#}
+{%- set mode = thinking_mode if thinking_mode is defined and thinking_mode is not none else "auto" -%}
+{%- if mode not in ["auto", "long", "short"] -%}
+    {{- raise_exception("thinking_mode must be one of 'auto', 'long', 'short'; got '" ~ mode ~ "'.") -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {{- "<|im_start|>" ~ message["role"] ~ "\n" -}}
+    {%- if message["content"] is string -%}
+        {{- message["content"] -}}
+    {%- else -%}
+        {%- for item in message["content"] -%}
+            {%- if item["type"] == "image" -%}
+                {{- "<image>\n" -}}
+            {%- elif item["type"] == "text" -%}
+                {{- item["text"] -}}
+            {%- else -%}
+                {{- raise_exception("content items must have type 'image' or 'text'; got '" ~ item["type"] ~ "'.") -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{- "<|im_end|>\n" -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "<|im_start|>assistant\n" -}}
+    {%- if mode == "long" -%}
+        {{- "<think>\n" -}}
+    {%- elif mode == "short" -%}
+        {{- "<think>\n\n</think>\n\n" -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+class ChatTemplateError(ValueError):
+    """A chat template that does not compile, or that called ``raise_exception``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# output parsing
+
+
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """(thinking, answer) of a generated text.
+
+    ``<think>T</think>A`` -> (T, A) stripped; ``T</think>A`` (the prompt already ended in ``<think>\\n``,
+    long mode) -> (T, A) stripped; ``<think>T`` (thinking not finished) -> (T stripped, "");
+    no tags -> (None, text) unchanged. Only the first ``</think>`` after the opening tag closes it.
+    """
+    start, end = text.find(THINK_START), text.find(THINK_END)
+    if start != -1 and (end == -1 or start < end):
+        rest = text[start + len(THINK_START):]
+        close = rest.find(THINK_END)
+        if close == -1:
+            return rest.strip(), ""
+        return rest[:close].strip(), rest[close + len(THINK_END):].strip()
+    if end != -1:
+        return text[:end].strip(), text[end + len(THINK_END):].strip()
+    return None, text
+
+
+def check_thinking_mode(thinking_mode: str) -> None:
+    if thinking_mode not in THINKING_MODES:
+        raise ValueError(f"thinking_mode must be one of {', '.join(map(repr, THINKING_MODES))}; got {thinking_mode!r}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# the jinja environment (transformers' settings, written out here)
+
+
+@lru_cache(maxsize=16)
+def compile_chat_template(source: str):
+    """A compiled template in transformers' chat-template environment (cached per template text)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if tuple(int(x) for x in jinja2.__version__.split(".")[:3] if x.isdigit()) < (3, 1, 6):
+        raise ImportError(f"jinja2 >= 3.1.6 is needed to render chat templates safely; found {jinja2.__version__}.")
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` renders its body (transformers uses it to mark
+        assistant tokens; the marks are not needed here)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    class PlainDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # noqa: N805 - jinja's own signature trick, so namespace(self=...) works
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace.check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace.check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates may not set underscore attributes ({name!r}).")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = PlainDict()
+    env.globals["namespace"] = Namespace
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e}") from None
+
+
+def plain_template_data(value: Any) -> Any:
+    """What a template may see: JSON types rebuilt from scratch; anything else (an image, an array)
+    becomes the placeholder string ``"<TypeName>"`` (transformers' ``_plain_template_data``)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):  # subclasses (enums, ...) lose their extra methods
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {plain_template_data(k): plain_template_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_template_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_template_data(v) for v in value)
+    if isinstance(value, np.generic):
+        return plain_template_data(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_template_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return plain_template_data(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _template_messages(conversation: Sequence[Any]) -> list[dict]:
+    """transformers' message preparation: dicts only, None-valued keys dropped, plain data, reasoning aliases."""
+    out = []
+    for message in conversation:
+        if not isinstance(message, Mapping):
+            raise ValueError(f"each message should be a dict with 'role' and 'content'; got {message!r}.")
+        message = plain_template_data({k: v for k, v in message.items() if v is not None})
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def render_chat_template(source: str, conversation: Sequence[Any], add_generation_prompt: bool,
+                         special_tokens: Mapping[str, str], **kwargs: Any) -> str:
+    """Render one conversation; ``kwargs`` (e.g. thinking_mode) override special tokens of the same name."""
+    import jinja2
+
+    template = compile_chat_template(source)
+    variables = plain_template_data({**special_tokens, **kwargs})
+    try:
+        return template.render(messages=_template_messages(conversation), tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise ChatTemplateError(f"chat template: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the checkpoint
+
+
+def _read_json(path: Path, required: bool = False) -> dict | None:
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path}: missing.")
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level.")
+    return d
+
+
+def _token_text(value: Any) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string or an AddedToken dict (its "content")."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pick_template(value: Any, source: Path) -> str:
+    """A template string, or the "default" entry of a list of {"name", "template"} (or a name->text dict)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, Mapping) and {"name", "template"} <= t.keys() for t in value):
+        value = {t["name"]: t["template"] for t in value}
+    if isinstance(value, Mapping):
+        if isinstance(value.get("default"), str):
+            return value["default"]
+        raise ValueError(f"{source}: several chat templates ({sorted(value)}) and none named 'default'.")
+    raise ValueError(
+        f"{source}: 'chat_template' should be a string or a list of named templates; got {type(value).__name__}."
+    )
+
+
+def find_chat_template(directory: Path, tokenizer_config: dict | None = None) -> tuple[str | None, Path | None]:
+    """(template text, file it came from): chat_template.jinja, then chat_template.json, then
+    tokenizer_config.json; (None, None) when the checkpoint has none."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8"), jinja_file
+    json_file = directory / "chat_template.json"
+    d = _read_json(json_file)
+    if d is not None and d.get("chat_template") is not None:
+        return _pick_template(d["chat_template"], json_file), json_file
+    config_file = directory / "tokenizer_config.json"
+    if tokenizer_config is None:
+        tokenizer_config = _read_json(config_file) or {}
+    if tokenizer_config.get("chat_template") is not None:
+        return _pick_template(tokenizer_config["chat_template"], config_file), config_file
+    return None, None
+
+
+def load_tokenizer(directory: Path, tokenizer_config: dict):
+    """``tokenizer.json`` with the added tokens of ``tokenizer_config.json`` that it lacks (ids must agree)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json in {directory} (r4b reads the fast-tokenizer file).")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ValueError(f"{path}: the tokenizers library cannot read it ({e}).") from None
+    present = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
+    declared = tokenizer_config.get("added_tokens_decoder") or {}
+    for key, entry in sorted(declared.items(), key=lambda kv: int(kv[0])):
+        want, content = int(key), _token_text(entry)
+        if content is None:
+            continue
+        if content not in present:
+            flags = {k: bool(entry[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in entry}
+            token = AddedToken(content, special=bool(entry.get("special", False)), **flags)
+            (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
+        got = tokenizer.token_to_id(content)
+        if got != want:
+            raise ValueError(
+                f"{directory / 'tokenizer_config.json'} puts added token {content!r} at id {want} but "
+                f"{path} gives it id {got}; the two tokenizer files disagree."
+            )
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# the processor
+
+
+class R4BProcessor:
+    """Tokenizer + chat template + image preprocessing for R-4B; see the module docstring."""
+
+    def __init__(self, tokenizer, config: R4BConfig, image_config: ImageProcessorConfig,
+                 chat_template: str | None = None, special_tokens: Mapping[str, str] | None = None,
+                 eos_token_ids: Sequence[int] | None = None, image_token: str = IMAGE_TOKEN) -> None:
+        self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.config = config
+        self.image_config = image_config
+        self.chat_template = chat_template  # None: BUILTIN_CHAT_TEMPLATE is used
+        self.special_tokens = dict(special_tokens or {})  # template variables: eos_token, pad_token, ...
+        self.image_token = image_token
+        self.image_token_id = config.image_token_index
+        eos_id, pad_id = self.special_token_id("eos_token"), self.special_token_id("pad_token")
+        if eos_token_ids is None:
+            eos_token_ids = [] if eos_id is None else [eos_id]
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        # no pad token: the first stop id (padding only ever sits under attention_mask == 0)
+        self.pad_token_id = pad_id if pad_id is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    def special_token_id(self, name: str) -> int | None:
+        """Id of a named special token ("eos_token", "pad_token", ...); None when the tokenizer names none."""
+        text = self.special_tokens.get(name)
+        if text is None:
+            return None
+        token_id = self.tokenizer.token_to_id(text)
+        if token_id is None:
+            raise ValueError(f"the tokenizer config names {name} = {text!r} but the vocabulary has no such token.")
+        return token_id
+
+    @property
+    def template_source(self) -> str:
+        return self.chat_template if self.chat_template is not None else BUILTIN_CHAT_TEMPLATE
+
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, revision: str | None = None) -> "R4BProcessor":
+        """Read the processor from a checkpoint directory or hub id (see the module docstring)."""
+        from r4b_weights.hub import resolve_checkpoint
+
+        directory = resolve_checkpoint(path_or_repo, revision)
+        config = R4BConfig.from_pretrained(directory)
+        image_config = ImageProcessorConfig.from_pretrained(directory)
+        _check_image_config(directory, config, image_config)
+        tokenizer_config = _read_json(directory / "tokenizer_config.json") or {}
+        tokenizer = load_tokenizer(directory, tokenizer_config)
+
+        special_tokens = _special_tokens(directory, tokenizer_config)
+        processor_config = _read_json(directory / "processor_config.json") or {}
+        image_token = processor_config.get("image_token") or IMAGE_TOKEN
+        token_id = tokenizer.token_to_id(image_token)
+        if token_id is None or tokenizer.encode(image_token, add_special_tokens=False).ids != [token_id]:
+            raise ValueError(
+                f"{directory / 'tokenizer.json'} has no added token {image_token!r}; config.json expects it at "
+                f"id {config.image_token_index}."
+            )
+        if token_id != config.image_token_index:
+            raise ValueError(
+                f"image token mismatch: {directory / 'config.json'} says image_token_index = "
+                f"{config.image_token_index} but {directory / 'tokenizer.json'} encodes {image_token!r} as id "
+                f"{token_id}; the model would not find the image tokens the processor writes."
+            )
+
+        generation = _read_json(directory / "generation_config.json") or {}
+        eos = generation.get("eos_token_id")
+        eos_ids = None if eos is None else ([eos] if isinstance(eos, int) else eos)
+        if eos_ids is not None and not (isinstance(eos_ids, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_ids)):
+            raise ValueError(
+                f"{directory / 'generation_config.json'}: eos_token_id = {eos!r} should be an id or a list of ids."
+            )
+        template, _ = find_chat_template(directory, tokenizer_config)
+        return cls(tokenizer, config, image_config, chat_template=template, special_tokens=special_tokens,
+                   eos_token_ids=eos_ids, image_token=image_token)
+
+    # ------------------------------------------------------------------------------------------
+    # text
+
+    def apply_chat_template(self, messages: Sequence[Any], thinking_mode: str = "auto",
+                            add_generation_prompt: bool = True, **template_kwargs: Any) -> str | list[str]:
+        """The prompt text of one conversation (a list of conversations gives a list of prompts).
+        ``template_kwargs`` are passed to the template next to ``thinking_mode``."""
+        check_thinking_mode(thinking_mode)
+        conversations, batched = _as_conversations(messages)
+        prompts = [
+            render_chat_template(self.template_source, conv, add_generation_prompt, self.special_tokens,
+                                 thinking_mode=thinking_mode, **template_kwargs)
+            for conv in conversations
+        ]
+        return prompts if batched else prompts[0]
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of ``text``. By default the tokenizer's post-processor adds its special tokens unless the
+        text already starts with the bos token (transformers' processor rule; Qwen3 adds none)."""
+        if add_special_tokens is None:
+            bos = self.special_tokens.get("bos_token")
+            add_special_tokens = not (bos and text.startswith(bos))
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (list or 1-D tensor). ``<think>``/``</think>`` are not special and stay."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(row, skip_special_tokens) for row in ids]
+
+    # ------------------------------------------------------------------------------------------
+    # model inputs
+
+    def __call__(self, text: str | Sequence[str] | None = None, messages: Sequence[Any] | None = None,
+                 images: Any = None, thinking_mode: str = "auto", add_generation_prompt: bool = True) -> dict:
+        """Model inputs for a prompt or a batch (left padded): ``input_ids``, ``attention_mask`` [B, T] int64;
+        with images also ``pixel_values``, ``image_sizes``, ``batch_num_images`` (``model(**inputs)`` works).
+
+        ``text``: rendered prompts with literal ``<image>`` placeholders (thinking_mode and
+        add_generation_prompt then do nothing). ``messages``: one conversation or a list of them, images
+        inside (``{"type": "image", "image" | "url" | "path": ...}``) or via ``images``. ``images``: one list
+        per sample, or a flat list (or one image) for a single sample.
+        """
+        check_thinking_mode(thinking_mode)
+        if text is not None and messages is not None:
+            raise ValueError("pass either text= (rendered prompts) or messages= (conversations), not both.")
+        if text is None and messages is None:
+            raise ValueError("nothing to process: pass text= or messages=.")
+        in_messages = None
+        if messages is not None:
+            conversations, _ = _as_conversations(messages)
+            in_messages = [_images_in_conversation(c) for c in conversations]
+            prompts = [self.apply_chat_template(c, thinking_mode, add_generation_prompt) for c in conversations]
+        else:
+            prompts = [text] if isinstance(text, str) else list(text)
+            if not prompts:
+                raise ValueError("text is an empty list; give at least one prompt.")
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str):
+                    raise ValueError(f"text[{i}] should be a string; got {type(p).__name__}.")
+                if not p:
+                    raise ValueError(f"text[{i}] is an empty string." if len(prompts) > 1
+                                     else "text is an empty string.")
+        samples = _images_per_sample(images, in_messages, len(prompts))
+
+        for i, (prompt, imgs) in enumerate(zip(prompts, samples)):
+            n = prompt.count(self.image_token)
+            if n != len(imgs):
+                where = f"sample {i}: " if len(prompts) > 1 else ""
+                raise ValueError(
+                    f"{where}the prompt has {n} {self.image_token} placeholder(s) but {len(imgs)} image(s) were given; "
+                    "they must match one to one."
+                )
+        out: dict[str, torch.Tensor] = {}
+        counts: list[list[int]] = [[] for _ in samples]
+        if any(samples):
+            out = preprocess_images([s for s in samples if s], self.image_config)
+            sizes = iter(out["image_sizes"].tolist())
+            for i, imgs in enumerate(samples):
+                counts[i] = [anyres.num_image_tokens(tuple(next(sizes)), self.config, multi_image=len(imgs) > 1)
+                             for _ in imgs]
+        rows = [self._encode_expanded(p, c) for p, c in zip(prompts, counts)]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.int64)
+            attention_mask[i, width - len(row):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+    def _encode_expanded(self, prompt: str, counts: list[int]) -> list[int]:
+        """Token ids of ``prompt`` with its k-th placeholder repeated ``counts[k]`` times."""
+        pieces = prompt.split(self.image_token)
+        expanded = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(counts, pieces[1:]))
+        ids = self.encode(expanded)
+        found = sum(1 for t in ids if t == self.image_token_id)
+        if found != sum(counts):
+            raise ValueError(
+                f"the tokenized prompt holds {found} image tokens (id {self.image_token_id}) where {sum(counts)} "
+                f"were written; the tokenizer does not keep {self.image_token!r} as one token."
+            )
+        return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_image_config(directory: Path, config: R4BConfig, image_config: ImageProcessorConfig) -> None:
+    pre, cfg = directory / "preprocessor_config.json", directory / "config.json"
+    tile = config.vision_config.image_size
+    if image_config.tile_size != tile:
+        raise ValueError(
+            f"tile size mismatch: {pre} has size {image_config.size} but {cfg} has vision_config.image_size = "
+            f"{tile}; images would be cut into tiles the vision tower was not built for."
+        )
+    ours = [[int(x) for x in p] for p in image_config.image_grid_pinpoints]
+    theirs = [[int(x) for x in p] for p in config.image_grid_pinpoints]
+    if ours != theirs:
+        raise ValueError(
+            f"image_grid_pinpoints mismatch: {pre} has {ours} but {cfg} has {theirs}; the processor would give an "
+            "image a different number of views and image tokens than the model packs. Make them equal."
+        )
+
+
+def _special_tokens(directory: Path, tokenizer_config: dict) -> dict[str, str]:
+    """Template variables for special tokens, as transformers collects them: the named ones
+    (bos/eos/unk/sep/pad/cls/mask), any other ``*_token`` string key, and a dict ``extra_special_tokens``.
+    special_tokens_map.json is read only when tokenizer_config.json has no added_tokens_decoder (legacy
+    checkpoints), and then it wins."""
+    merged = dict(tokenizer_config)
+    if "added_tokens_decoder" not in tokenizer_config:
+        merged.update(_read_json(directory / "special_tokens_map.json") or {})
+    out = {}
+    for key, value in merged.items():
+        text = _token_text(value)
+        if text is not None and (key in NAMED_SPECIAL_TOKENS or key.endswith("_token")):
+            out[key] = text
+    extra = merged.get("extra_special_tokens")
+    if isinstance(extra, Mapping):
+        out.update({k: t for k, v in extra.items() if (t := _token_text(v)) is not None})
+    return out
+
+
+def _as_conversations(messages: Any) -> tuple[list[list[Any]], bool]:
+    """(conversations, batched) from one conversation or a list of them; empty ones are errors."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages should be a non-empty list of {'role', 'content'} dicts, or a list of such lists.")
+    batched = isinstance(messages[0], (list, tuple))
+    conversations = [list(c) for c in messages] if batched else [list(messages)]
+    for i, conv in enumerate(conversations):
+        if not conv:
+            raise ValueError(f"conversation {i} is empty; give at least one message." if batched else
+                             "the conversation is empty; give at least one message.")
+    return conversations, batched
+
+
+_NO_PAYLOAD = object()
+
+
+def _images_in_conversation(conversation: list[Any]) -> list[Any]:
+    """The images of a conversation's ``{"type": "image"}`` items, in order (``_NO_PAYLOAD`` for an item
+    that only marks a place: its image comes from ``images=``)."""
+    found = []
+    for message in conversation:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, (list, tuple)):
+            continue
+        for item in content:
+            kind = item.get("type") if isinstance(item, Mapping) else None
+            if kind in ("video", "audio"):
+                raise ValueError(f"R-4B takes images and text; a '{kind}' content item is not supported.")
+            if kind != "image":
+                continue
+            if "base64" in item:
+                raise ValueError("base64 image items are not decoded; pass a PIL image, an array or a file path.")
+            payload = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), _NO_PAYLOAD)
+            if isinstance(payload, str) and payload.split(":", 1)[0].lower() in ("http", "https", "data"):
+                raise ValueError(f"image URLs are not fetched ({payload[:60]!r}); download it and pass the file path.")
+            found.append(payload)
+    return found
+
+
+def _images_per_sample(images: Any, in_messages: list[list[Any]] | None, batch: int) -> list[list[Any]]:
+    """One list of images per sample, from the messages or from ``images=`` (never both)."""
+    if in_messages is not None and any(x is not _NO_PAYLOAD for s in in_messages for x in s):
+        if images is not None:
+            raise ValueError("images are given both inside the messages and as images=; give them one way.")
+        if any(x is _NO_PAYLOAD for s in in_messages for x in s):
+            raise ValueError("some image items carry an image ('image', 'url' or 'path') and some do not.")
+        return [list(s) for s in in_messages]
+    if images is None or (isinstance(images, (list, tuple)) and not images):
+        return [[] for _ in range(batch)]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    nested = [x is None or isinstance(x, (list, tuple)) for x in images]
+    if images and all(nested):
+        if len(images) != batch:
+            raise ValueError(f"images has {len(images)} per-sample lists for {batch} prompt(s).")
+        return [list(x or []) for x in images]
+    if any(nested):
+        raise ValueError(
+            "images mixes lists and single images; give one list per sample, or a flat list for one sample."
+        )
+    if batch != 1:
+        raise ValueError(f"with {batch} prompts, give images as one list per prompt (e.g. [[img], []]).")
+    return [list(images)]
