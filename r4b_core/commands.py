@@ -10,10 +10,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import torch
-
-THINK_START, THINK_END = "<think>", "</think>"
-
 
 def open_image(source: str, max_pixels: int | None = None):
     """A PIL image from a local path or an http(s)/file URL (downloaded into memory)."""
@@ -77,30 +73,22 @@ class SectionPrinter:
         self.out.flush()
 
 
-@torch.inference_mode()
 def run_generate(args: argparse.Namespace) -> int:
-    from r4b_core.generate import GenerationConfig, SamplingParams, TextStreamer, generate_steps
+    from r4b_core.generate import ChatStream, GenerationConfig, SamplingParams
     from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.processor import R4BProcessor, split_thinking
+    from r4b_core.processor import R4BProcessor
     from r4b_weights.loader import resolve_dtype
 
     directory, synthetic = resolve_model_dir(args.model, args.revision)
     if synthetic and not args.json:
         print(f"(no --model: using the random-init synthetic checkpoint {directory}; its text is random)",
               file=sys.stderr)
-    dtype = resolve_dtype(args.dtype)
     images = [open_image(src) for src in args.image]
     processor = R4BProcessor.from_pretrained(directory)
     t_load = time.perf_counter()
-    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=args.device,
-                                                        progress=not args.json)
+    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=resolve_dtype(args.dtype),
+                                                        device=args.device, progress=not args.json)
     t_load = time.perf_counter() - t_load
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
-    inputs = processor(messages=[{"role": "user", "content": content}], images=images or None,
-                       thinking_mode=args.thinking_mode)
-    inputs = {k: v.to(args.device) if k != "batch_num_images" else v for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     gen_config = GenerationConfig.from_pretrained(directory)
     defaults = gen_config.sampling(seed=args.seed)
     sampling = SamplingParams(
@@ -109,51 +97,27 @@ def run_generate(args: argparse.Namespace) -> int:
         top_p=defaults.top_p if args.top_p is None else args.top_p,
         seed=args.seed,
     )
-    eos = gen_config.eos_token_id or processor.eos_token_ids
-    pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else processor.pad_token_id
-    ids = inputs.pop("input_ids")
-    inputs.pop("attention_mask", None)  # one prompt: no padding
-
-    think_start = processor.tokenizer.token_to_id(THINK_START)
-    think_end = processor.tokenizer.token_to_id(THINK_END)
-    section = "thinking" if args.thinking_mode == "long" else "answer"  # long mode's prompt opens <think>
-    streams = {"thinking": TextStreamer(processor.decode), "answer": TextStreamer(processor.decode)}
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    stream = ChatStream(model, processor, [{"role": "user", "content": content}], images or None,
+                        thinking_mode=args.thinking_mode, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        generation_config=gen_config)
     printer = None if args.json else SectionPrinter()
-    tokens: list[int] = []
-    start = time.perf_counter()
-    first = None
-    for new, _ in generate_steps(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                 eos_token_ids=eos, pad_token_id=pad or 0, **inputs):
-        token = int(new[0])
-        first = first or time.perf_counter()
-        tokens.append(token)
-        if token == think_start:
-            section = "thinking"
-        elif token == think_end:
-            section = "answer"
-        elif printer is not None:
-            printer.write(section, streams[section].push(token))
-    end = time.perf_counter()
+    for section, delta in stream:
+        if printer is not None:
+            printer.write(section, delta)
     if printer is not None:
-        for name, stream in streams.items():
-            printer.write(name, stream.flush())
         printer.close()
-
-    text = processor.decode(tokens)
-    prefix = THINK_START + "\n" if args.thinking_mode == "long" else ""
-    thinking, answer = split_thinking(prefix + text)
-    finish = "eos" if tokens and tokens[-1] in eos else "length"
-    decode_rate = (len(tokens) - 1) / (end - first) if len(tokens) > 1 and end > first else float("nan")
-    summary = {
-        "text": text, "thinking": thinking, "answer": answer, "tokens": tokens, "finish_reason": finish,
-        "prompt_tokens": int(ids.shape[1]), "new_tokens": len(tokens), "time_to_first_token_s": first - start,
-        "decode_tokens_per_s": decode_rate, "load_time_s": t_load, "model": str(directory),
-    }
+    r = stream.result
     if args.json:
+        summary = {"text": r.text, "thinking": r.thinking, "answer": r.answer, "tokens": r.tokens,
+                   "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "new_tokens": len(r.tokens),
+                   "time_to_first_token_s": r.time_to_first_token_s, "decode_tokens_per_s": r.decode_tokens_per_s,
+                   "load_time_s": t_load, "model": str(directory)}
         print(json.dumps(summary, ensure_ascii=False))
     else:
-        print(f"[{len(tokens)} tokens ({finish}) · prompt {summary['prompt_tokens']} tokens · "
-              f"TTFT {summary['time_to_first_token_s']:.2f} s · {decode_rate:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{len(r.tokens)} tokens ({r.finish_reason}) · prompt {r.prompt_tokens} tokens · "
+              f"TTFT {r.time_to_first_token_s:.2f} s · {r.decode_tokens_per_s:.1f} tokens/s · "
+              f"weights loaded in {t_load:.1f} s]", file=sys.stderr)
     return 0
 
 

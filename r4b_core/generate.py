@@ -257,3 +257,113 @@ class TextStreamer:
         text = self.decode(self.ids)
         delta, self.emitted = text[self.emitted:], len(text)
         return delta
+
+
+# ---------------------------------------------------------------------------------------------
+# text in, text out: messages + images -> streamed (section, delta) pairs and a ChatResult
+
+
+@dataclass
+class ChatResult:
+    tokens: list[int]
+    text: str  # special tokens skipped; <think>/</think> kept (they are not "special" in Qwen3)
+    thinking: str | None  # None: the model did not think
+    answer: str
+    finish_reason: str  # "eos" or "length"
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+
+
+class ChatStream:
+    """Iterate to get ("thinking" | "answer", text delta) pairs as tokens arrive; ``result`` is set
+    when the iteration ends. The thinking is recognised by the ``<think>``/``</think>`` tokens; in
+    ``long`` mode the prompt already opened ``<think>``, so the stream starts in the thinking."""
+
+    def __init__(self, model: torch.nn.Module, processor, messages: list[dict], images=None, *,
+                 thinking_mode: str = "auto", max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
+                 generation_config: GenerationConfig | None = None) -> None:
+        device = next(model.parameters()).device
+        inputs = processor(messages=messages, images=images, thinking_mode=thinking_mode)
+        if inputs["input_ids"].shape[0] != 1:
+            raise ValueError("ChatStream streams one conversation; use chat_batch for several.")
+        inputs.pop("attention_mask")  # one prompt: no padding
+        self.input_ids = inputs.pop("input_ids").to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(device, _model_dtype(model))
+        self.inputs = inputs
+        self.model, self.processor, self.thinking_mode = model, processor, thinking_mode
+        self.max_new_tokens = max_new_tokens
+        generation_config = generation_config or GenerationConfig()
+        self.sampling = sampling or generation_config.sampling()
+        self.eos = generation_config.eos_token_id or processor.eos_token_ids
+        pad = generation_config.pad_token_id
+        self.pad = pad if pad is not None else processor.pad_token_id
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        tokenizer = self.processor.tokenizer
+        think_start, think_end = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+        section = "thinking" if self.thinking_mode == "long" else "answer"
+        streams = {"thinking": TextStreamer(self.processor.decode), "answer": TextStreamer(self.processor.decode)}
+        tokens: list[int] = []
+        start = time.perf_counter()
+        first = None
+        steps = generate_steps(self.model, self.input_ids, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
+                               eos_token_ids=self.eos, pad_token_id=self.pad, **self.inputs)
+        for new, _ in steps:
+            token = int(new[0])
+            first = first or time.perf_counter()
+            tokens.append(token)
+            if token == think_start:
+                section = "thinking"
+            elif token == think_end:
+                section = "answer"
+            elif delta := streams[section].push(token):
+                yield section, delta
+        end = time.perf_counter()
+        for name, stream in streams.items():
+            if delta := stream.flush():
+                yield name, delta
+        self.result = _chat_result(self.processor, tokens, self.eos, self.thinking_mode, self.input_ids.shape[1],
+                                   first - start, end - first)
+
+
+def _chat_result(processor, tokens: list[int], eos: Sequence[int], thinking_mode: str, prompt_tokens: int,
+                 ttft: float, decode_time: float) -> ChatResult:
+    from r4b_core.processor import split_thinking
+
+    text = processor.decode(tokens)
+    thinking, answer = split_thinking(("<think>\n" if thinking_mode == "long" else "") + text)
+    rate = (len(tokens) - 1) / decode_time if len(tokens) > 1 and decode_time > 0 else float("nan")
+    return ChatResult(tokens=tokens, text=text, thinking=thinking, answer=answer,
+                      finish_reason="eos" if tokens and tokens[-1] in eos else "length",
+                      prompt_tokens=prompt_tokens, time_to_first_token_s=ttft, decode_tokens_per_s=rate)
+
+
+def chat(model: torch.nn.Module, processor, messages: list[dict], images=None, **kwargs) -> ChatResult:
+    """Generate an answer for one conversation (see ChatStream for the keyword arguments)."""
+    stream = ChatStream(model, processor, messages, images, **kwargs)
+    for _ in stream:
+        pass
+    return stream.result
+
+
+def chat_batch(model: torch.nn.Module, processor, conversations: list[list[dict]], images=None, *,
+               thinking_mode: str = "auto", max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
+               generation_config: GenerationConfig | None = None) -> list[ChatResult]:
+    """Several conversations at once (left-padded); ``images``: one list per conversation."""
+    device = next(model.parameters()).device
+    inputs = processor(messages=conversations, images=images, thinking_mode=thinking_mode)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(device, _model_dtype(model))
+    ids = inputs.pop("input_ids").to(device)
+    inputs["attention_mask"] = inputs["attention_mask"].to(device)
+    generation_config = generation_config or GenerationConfig()
+    eos = generation_config.eos_token_id or processor.eos_token_ids
+    pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
+    out = generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling or generation_config.sampling(),
+                   eos_token_ids=eos, pad_token_id=pad, **inputs)
+    per_sequence_time = out.decode_time_s
+    return [_chat_result(processor, tokens, eos, thinking_mode, ids.shape[1], out.time_to_first_token_s,
+                         per_sequence_time) for tokens in out.tokens]

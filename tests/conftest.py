@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image, ImageDraw
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -76,3 +78,14 @@ def hf_qwen3_dir(tmp_path):
     """(directory, transformers model) for a default random tiny Qwen3 (GQA 2, untied)."""
     model = save_random_hf_qwen3(tmp_path / "qwen3")
     return tmp_path / "qwen3", model
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    """Noise plus shapes: content that is not flat."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    if min(width, height) >= 8:
+        draw = ImageDraw.Draw(img)
+        draw.ellipse([width // 5, height // 5, width // 2, height // 2], fill=(250, 20, 20))
+        draw.rectangle([width // 2, height // 3, width - 2, height - 2], fill=(10, 200, 40))
+    return img

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import picture
 
 from r4b_core.anyres import num_image_tokens
 from r4b_core.generate import (
@@ -21,7 +22,6 @@ from r4b_core.kv_cache import KVCache
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.parity import build_reference_model
 from r4b_core.synthetic import make_synthetic_checkpoint
-from test_model_parity import picture
 
 EOS = [151645, 151643]
 PAD = 151643
@@ -176,3 +176,43 @@ def test_generation_config_file(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == [7]
     assert GenerationConfig.from_pretrained(tmp_path).sampling() == SamplingParams()
+
+
+def test_chat_stream_sections_and_result(pair):
+    from r4b_core.generate import ChatStream
+    from r4b_core.processor import R4BProcessor
+
+    directory, ours, _ = pair
+    processor = R4BProcessor.from_pretrained(directory)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    image = picture(120, 80, 5)
+    stream = ChatStream(ours, processor, messages, [image], thinking_mode="long", max_new_tokens=24)
+    pieces = list(stream)
+    result = stream.result
+    assert len(result.tokens) == 24 or result.finish_reason == "eos"
+    thinking = "".join(d for s, d in pieces if s == "thinking")
+    answer = "".join(d for s, d in pieces if s == "answer")
+    end_think = processor.tokenizer.token_to_id("</think>")
+    if end_think in result.tokens:  # long mode: everything before </think> is thinking
+        assert result.thinking == thinking.strip() and result.answer == answer.strip()
+    else:
+        assert pieces and all(s == "thinking" for s, _ in pieces)
+        assert result.thinking == thinking.strip() and result.answer == ""
+    assert result.text == processor.decode(result.tokens) and result.prompt_tokens > 16
+
+
+def test_chat_batch_equals_chat_alone(pair):
+    from r4b_core.generate import chat, chat_batch
+    from r4b_core.processor import R4BProcessor
+
+    directory, ours, _ = pair
+    processor = R4BProcessor.from_pretrained(directory)
+    with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    text_only = [{"role": "user", "content": "Count to three."}]
+    image = picture(90, 150, 6)
+    batch = chat_batch(ours, processor, [with_image, text_only], [[image], []], thinking_mode="short",
+                       max_new_tokens=20)
+    alone = [chat(ours, processor, with_image, [image], thinking_mode="short", max_new_tokens=20),
+             chat(ours, processor, text_only, thinking_mode="short", max_new_tokens=20)]
+    assert [r.tokens for r in batch] == [r.tokens for r in alone]
+    assert [(r.text, r.thinking, r.answer) for r in batch] == [(r.text, r.thinking, r.answer) for r in alone]

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import transformers
-from PIL import Image, ImageDraw
+from conftest import picture
 
 from r4b_core.anyres import num_image_tokens
 from r4b_core.config import preset
@@ -25,17 +24,6 @@ from r4b_core.synthetic import make_synthetic_checkpoint
 TOL = 1e-4
 TILE = 56  # the tiny preset's tile (vision image_size)
 OV_PINPOINTS = [[TILE * i, TILE * j] for i in range(1, 7) for j in range(1, 7)]  # LLaVA-OneVision's 6x6 grid
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    """Noise plus shapes: content that is not flat."""
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    if min(width, height) >= 8:
-        draw = ImageDraw.Draw(img)
-        draw.ellipse([width // 5, height // 5, width // 2, height // 2], fill=(250, 20, 20))
-        draw.rectangle([width // 2, height // 3, width - 2, height - 2], fill=(10, 200, 40))
-    return img
 
 
 def write_checkpoint(directory, pinpoints=None, aspect_ratio=None, tie=False, seed=0):

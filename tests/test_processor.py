@@ -10,29 +10,25 @@ import re
 import shutil
 
 import jinja2
-import numpy as np
 import pytest
 import torch
 import transformers
-from PIL import Image, ImageDraw
+from conftest import picture
 
 from r4b_core.anyres import num_image_tokens
 from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
 from r4b_core.processor import (
-    BUILTIN_CHAT_TEMPLATE, THINKING_MODES, ChatTemplateError, R4BProcessor, split_thinking,
+    BUILTIN_CHAT_TEMPLATE,
+    THINKING_MODES,
+    ChatTemplateError,
+    R4BProcessor,
+    split_thinking,
 )
 from r4b_core.synthetic import make_synthetic_checkpoint
 
 IMAGE_ID, PAD_ID, IM_END_ID, THINK_ID, END_THINK_ID = 151669, 151643, 151645, 151667, 151668
 PROCESSOR_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    ImageDraw.Draw(img).ellipse([width // 5, height // 5, width // 2, height // 2], fill=(250, 20, 20))
-    return img
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import save_random_hf_qwen3
-from r4b_core import KVCache, Qwen3ForCausalLM
+from r4b_core import Qwen3ForCausalLM
 from r4b_core import qwen3 as r4b_qwen3
 
 TOL = 1e-4

@@ -4,7 +4,6 @@ errors, and hub/cache resolution. Everything runs on tiny models in tmp_path, CP
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
