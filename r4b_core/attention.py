@@ -1,24 +1,40 @@
 """One attention signature for the decoder; backends live behind it.
 
 Notation:
-    B  batch            T  query tokens        S  key/value tokens
+    B  batch            T  query tokens        S  key/value tokens (cache slots)
     Hq query heads      Hkv key/value heads    D  head_dim         G = Hq // Hkv (GQA group)
 
 ``attention(q, k, v, mask, is_causal, scale, dropout_p)`` takes q [B, Hq, T, D], k and v
 [B, Hkv, S, D] and returns [B, Hq, T, D]. ``mask`` is boolean [B, 1, T, S] (True = may attend) or
-None; ``is_causal`` is only used when ``mask`` is None and T == S.
+None; ``is_causal`` is only used when ``mask`` is None and T == S. This SDPA path is the reference.
 
-The SDPA path below is the reference. Other backends (the Triton split-KV decode kernel) are added
-here and tested against it on identical inputs.
+``decode_attention(q, k_cache, v_cache, seq_lens, scale, backend)`` is the single-token decode step
+against a layer of the KV cache: q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], seq_lens [B] (valid
+slots per sequence, the new token included). Backends:
+    "sdpa"    the reference: SDPA over all S slots with a length mask (static shapes)
+    "triton"  r4b_kernels' split-KV GQA flash-decoding kernel (reads only seq_lens[b] slots)
+The backend is chosen by argument, never at import time: ``resolve_decode_backend`` turns "auto",
+"sdpa" or "triton" into a concrete one for a device/dtype/head size; "auto" picks Triton on CUDA when
+the kernel supports the shape (falling back to SDPA with a one-line notice when it does not) and
+SDPA on every other device; a forced "triton" that cannot run raises (on the CPU it runs under
+TRITON_INTERPRET=1, which is how the tests exercise it).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
+BACKENDS = ("auto", "sdpa", "triton")
+
 # SDPA learned `enable_gqa` in torch 2.5; before that K/V heads are expanded explicitly.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class BackendUnavailableError(ValueError):
+    """A forced attention backend cannot run here (no Triton, not a CUDA device, unsupported shape)."""
 
 
 def attention(
@@ -42,3 +58,47 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None, scale=scale, **kwargs
     )
+
+
+def _triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int) -> str | None:
+    """Why the Triton decode kernel cannot run here, or None when it can."""
+    from r4b_kernels import decode_attention as kernel  # imports without triton; reports it below
+
+    reason = kernel.unavailable_reason(device)
+    if reason is not None:
+        return reason
+    probe_q = torch.empty(1, n_heads, head_dim, dtype=dtype, device="meta")
+    probe_k = torch.empty(1, n_kv_heads, 1, head_dim, dtype=dtype, device="meta")
+    return kernel.supports(probe_q, probe_k)
+
+
+def resolve_decode_backend(
+    backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int
+) -> str:
+    """'sdpa' or 'triton' for the decode step on this device/dtype/head geometry."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    device = torch.device(device)
+    if backend == "sdpa" or (backend == "auto" and device.type != "cuda"):
+        return "sdpa"  # "auto" uses Triton on CUDA only; the CPU interpreter runs it only when forced
+    problem = _triton_problem(device, dtype, head_dim, n_heads, n_kv_heads)
+    if problem is None:
+        return "triton"
+    if backend == "triton":
+        raise BackendUnavailableError(f"attention backend 'triton' was requested but cannot run: {problem}.")
+    warnings.warn(f"r4b: Triton decode attention unavailable ({problem}); using SDPA.", stacklevel=3)
+    return "sdpa"
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float, backend: str
+) -> torch.Tensor:
+    """One query token per sequence against the cache: q [B, Hq, D] -> [B, Hq, D]."""
+    if backend == "triton":
+        from r4b_kernels.decode_attention import decode_attention_op  # a custom op: no host sync, compile-safe
+
+        return decode_attention_op(q, k_cache, v_cache, seq_lens, scale)
+    valid = torch.arange(k_cache.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, S]
+    out = attention(q[:, :, None], k_cache.to(q.dtype), v_cache.to(q.dtype), valid[:, None, None, :],
+                    is_causal=False, scale=scale)  # [B, Hq, 1, D]
+    return out[:, :, 0]

@@ -7,8 +7,9 @@
     r4b make-synthetic DIR      write a random-init checkpoint in R-4B's HF layout (tiny/small/r4b)
     r4b generate                stream an answer (thinking set apart) for a prompt and image(s)
     r4b parity                  compare with transformers stage by stage (exit 0 when all pass)
+    r4b bench                   prefill/decode speed vs transformers and the bandwidth limit (bench.py)
 
-Command bodies for generate and parity are in commands.py; benchmarks come with the kernel issue.
+Command bodies for generate and parity are in commands.py.
 """
 
 from __future__ import annotations
@@ -223,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default float32)")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, thinking, answer, tokens, "
                                                        "timings) instead of streaming")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (CUDA graphs on GPU); the first call compiles")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "triton"],
+                   help="decode attention: auto (Triton on CUDA when supported, else SDPA), sdpa, or triton")
 
     q = sub.add_parser("parity", help="compare r4b with transformers stage by stage",
                        description="Run r4b and the transformers reference (LLaVA-OneVision with R-4B's projector "
@@ -241,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true",
                    help="print one JSON object: passed, stages (name, max_abs_diff, tolerance, passed), "
                         "logits_max_abs_diff")
+    b = sub.add_parser("bench", help="prefill/decode speed, ours vs transformers, and the bandwidth limit",
+                       description="Time prefill (text and image prompts) and decode tokens/s for r4b eager, r4b "
+                                   "compiled and transformers' generate on the same weights (batch 1, alternating "
+                                   "runs, medians), against the memory-bandwidth limit measured in the same run.")
+    b.add_argument("--preset", default="small", choices=["tiny", "small", "r4b"],
+                   help="random-init model shape when no --model is given (default small)")
+    b.add_argument("--model", help="benchmark this checkpoint directory or hub id instead of a preset")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default float32)")
+    b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="text prompt length (default 128)")
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per timed run (default 32)")
+    b.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (default 3)")
+    b.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    b.add_argument("--no-transformers", action="store_true", help="skip the transformers reference")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
 
@@ -260,6 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, ImportError) as e:
             print(f"r4b {args.command}: {e}", file=sys.stderr)
             return 1
+    if args.command == "bench":
+        import json
+
+        from r4b_core.bench import format_table, run_bench
+        from r4b_weights.loader import resolve_dtype
+
+        try:
+            result = run_bench(args.preset, args.model, resolve_dtype(args.dtype), args.device, args.prompt_tokens,
+                               args.new_tokens, args.repeats, compile=not args.no_compile,
+                               transformers_reference=not args.no_transformers,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
+        except (ValueError, OSError, ImportError) as e:
+            print(f"r4b bench: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(result) if args.json else format_table(result))
+        return 0
     if args.command == "inspect":
         if (args.checkpoint is None) == (args.preset is None):
             print("r4b inspect: give a CHECKPOINT or --preset NAME (one of them).", file=sys.stderr)

@@ -100,7 +100,7 @@ def run_generate(args: argparse.Namespace) -> int:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     stream = ChatStream(model, processor, [{"role": "user", "content": content}], images or None,
                         thinking_mode=args.thinking_mode, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        generation_config=gen_config)
+                        generation_config=gen_config, compile=args.compile, attention_backend=args.attention_backend)
     printer = None if args.json else SectionPrinter()
     for section, delta in stream:
         if printer is not None:

@@ -127,6 +127,21 @@ def decode_step(model: torch.nn.Module, tokens: torch.Tensor, kv_cache: KVCache)
     return model(tokens, kv_cache=kv_cache).logits[:, -1]
 
 
+_COMPILED_DECODE: dict[str, Callable] = {}  # one compiled wrapper per device type (torch.compile caches graphs)
+
+
+def compiled_decode_step(device_type: str) -> Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor]:
+    """``decode_step`` under ``torch.compile(fullgraph=True)``; CUDA graphs ("reduce-overhead") on GPU.
+
+    The step has static shapes (the cache is attended over its whole capacity), so one graph serves
+    every position; a new batch size or cache capacity compiles a new one.
+    """
+    if device_type not in _COMPILED_DECODE:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED_DECODE[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED_DECODE[device_type]
+
+
 def check_lengths(prompt_len: int, max_new_tokens: int, capacity: int, max_positions: int) -> None:
     """A clear error before any compute when the request cannot fit."""
     if max_new_tokens < 1:
@@ -158,13 +173,18 @@ def generate_steps(
     eos_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     kv_cache: KVCache | None = None,
-    decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] = decode_step,
+    decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] | None = None,
+    compile: bool = False,
+    attention_backend: str = "auto",
     **inputs,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], finished [B] bool) once per generated position, until every sequence has
     finished or ``max_new_tokens`` were produced. Finished sequences are fed ``pad_token_id``.
 
-    ``inputs`` go to the prefill forward: attention_mask, pixel_values, image_sizes, batch_num_images.
+    ``compile``: run the decode step through ``compiled_decode_step``. ``attention_backend`` ("auto",
+    "sdpa", "triton") picks the decode attention of the cache made here (ignored when ``kv_cache`` is
+    given: the cache carries its own). ``inputs`` go to the prefill forward: attention_mask,
+    pixel_values, image_sizes, batch_num_images.
     """
     batch, prompt_len = input_ids.shape
     text_config = getattr(model.config, "text_config", model.config)
@@ -172,13 +192,18 @@ def generate_steps(
         capacity = prompt_len + max_new_tokens - 1
         check_lengths(prompt_len, max_new_tokens, capacity, text_config.max_position_embeddings)
         kv_cache = KVCache.for_model(text_config, batch, max(capacity, 1), dtype=_model_dtype(model),
-                                     device=input_ids.device)
+                                     device=input_ids.device, attention_backend=attention_backend)
     else:
         check_lengths(prompt_len, max_new_tokens, kv_cache.capacity - int(kv_cache.seq_lens.max()),
                       text_config.max_position_embeddings)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(sampling.seed)
+    if decode_fn is None:
+        decode_fn = compiled_decode_step(input_ids.device.type) if compile else decode_step
+    if compile and input_ids.device.type == "cuda":  # CUDA graphs need the cache at fixed addresses
+        for t in (kv_cache.k, kv_cache.v, kv_cache.seq_lens):
+            torch._dynamo.mark_static_address(t)
     eos = torch.tensor(list(eos_token_ids) or [-1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
 
@@ -207,7 +232,9 @@ def generate(
     eos_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     kv_cache: KVCache | None = None,
-    decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] = decode_step,
+    decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] | None = None,
+    compile: bool = False,
+    attention_backend: str = "auto",
     **inputs,
 ) -> GenerationOutput:
     """Generate for a (left-padded) batch; see ``generate_steps`` for the arguments."""
@@ -219,7 +246,7 @@ def generate(
     first = None
     steps = generate_steps(model, input_ids, max_new_tokens=max_new_tokens, sampling=sampling,
                            eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, kv_cache=kv_cache,
-                           decode_fn=decode_fn, **inputs)
+                           decode_fn=decode_fn, compile=compile, attention_backend=attention_backend, **inputs)
     for new, was_finished in steps:
         for b, (token, done) in enumerate(zip(new.tolist(), was_finished.tolist())):
             if not done:
@@ -282,7 +309,8 @@ class ChatStream:
 
     def __init__(self, model: torch.nn.Module, processor, messages: list[dict], images=None, *,
                  thinking_mode: str = "auto", max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
-                 generation_config: GenerationConfig | None = None) -> None:
+                 generation_config: GenerationConfig | None = None, compile: bool = False,
+                 attention_backend: str = "auto") -> None:
         device = next(model.parameters()).device
         inputs = processor(messages=messages, images=images, thinking_mode=thinking_mode)
         if inputs["input_ids"].shape[0] != 1:
@@ -294,6 +322,7 @@ class ChatStream:
         self.inputs = inputs
         self.model, self.processor, self.thinking_mode = model, processor, thinking_mode
         self.max_new_tokens = max_new_tokens
+        self.compile, self.attention_backend = compile, attention_backend
         generation_config = generation_config or GenerationConfig()
         self.sampling = sampling or generation_config.sampling()
         self.eos = generation_config.eos_token_id or processor.eos_token_ids
@@ -310,7 +339,8 @@ class ChatStream:
         start = time.perf_counter()
         first = None
         steps = generate_steps(self.model, self.input_ids, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                               eos_token_ids=self.eos, pad_token_id=self.pad, **self.inputs)
+                               eos_token_ids=self.eos, pad_token_id=self.pad, compile=self.compile,
+                               attention_backend=self.attention_backend, **self.inputs)
         for new, _ in steps:
             token = int(new[0])
             first = first or time.perf_counter()
@@ -351,7 +381,8 @@ def chat(model: torch.nn.Module, processor, messages: list[dict], images=None, *
 
 def chat_batch(model: torch.nn.Module, processor, conversations: list[list[dict]], images=None, *,
                thinking_mode: str = "auto", max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
-               generation_config: GenerationConfig | None = None) -> list[ChatResult]:
+               generation_config: GenerationConfig | None = None, compile: bool = False,
+               attention_backend: str = "auto") -> list[ChatResult]:
     """Several conversations at once (left-padded); ``images``: one list per conversation."""
     device = next(model.parameters()).device
     inputs = processor(messages=conversations, images=images, thinking_mode=thinking_mode)
@@ -363,7 +394,7 @@ def chat_batch(model: torch.nn.Module, processor, conversations: list[list[dict]
     eos = generation_config.eos_token_id or processor.eos_token_ids
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
     out = generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling or generation_config.sampling(),
-                   eos_token_ids=eos, pad_token_id=pad, **inputs)
+                   eos_token_ids=eos, pad_token_id=pad, compile=compile, attention_backend=attention_backend, **inputs)
     per_sequence_time = out.decode_time_s
     return [_chat_result(processor, tokens, eos, thinking_mode, ids.shape[1], out.time_to_first_token_s,
                          per_sequence_time) for tokens in out.tokens]

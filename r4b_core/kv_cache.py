@@ -14,6 +14,9 @@ that share that KV head (GQA) are served from one read. ``seq_lens`` plays the r
 padding its prompt had. A token's slot index is therefore also its RoPE position (R-4B uses 1-D
 positions), and sequences of different lengths share one batch without padding inside the cache.
 
+``decode_backend`` ("sdpa" or "triton", resolved from the requested backend when the cache is
+made) is the attention kernel of the single-token decode step; see r4b_core/attention.py.
+
 The model writes new keys/values through ``write`` and advances ``seq_lens`` at the end of its
 forward. Writes that would pass ``capacity`` raise ``CacheOverflowError`` before anything is
 written (checked in eager mode; inside ``torch.compile`` the caller — ``generate`` — has already
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from r4b_core.attention import resolve_decode_backend
 from r4b_core.config import TextConfig
 
 
@@ -43,6 +47,8 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        attention_backend: str = "auto",
+        num_query_heads: int | None = None,
     ) -> None:
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
                             ("num_kv_heads", num_kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
@@ -53,6 +59,11 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        # the decode step's attention backend ("sdpa" or "triton"), fixed for the cache's lifetime so
+        # that the compiled decode step sees one static choice; the query heads are checked at use
+        self.requested_backend = attention_backend
+        self.decode_backend = resolve_decode_backend(attention_backend, self.k.device, dtype, head_dim,
+                                                     num_query_heads or num_kv_heads, num_kv_heads)
 
     @classmethod
     def for_model(
@@ -62,15 +73,19 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        attention_backend: str = "auto",
     ) -> "KVCache":
-        """A cache shaped for a decoder config; ``capacity`` may not exceed max_position_embeddings."""
+        """A cache shaped for a decoder config; ``capacity`` may not exceed max_position_embeddings.
+
+        ``attention_backend`` ("auto", "sdpa", "triton") picks the decode step's attention kernel.
+        """
         if capacity > config.max_position_embeddings:
             raise ValueError(
                 f"KVCache: capacity {capacity} exceeds the model's max_position_embeddings "
                 f"({config.max_position_embeddings})."
             )
-        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, capacity,
-                   config.head_dim, dtype, device)
+        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, capacity, config.head_dim,
+                   dtype, device, attention_backend=attention_backend, num_query_heads=config.num_attention_heads)
 
     @property
     def capacity(self) -> int:

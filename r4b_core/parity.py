@@ -109,26 +109,41 @@ def build_reference_model(
         model = transformers.AutoModel.from_pretrained(str(directory), trust_remote_code=True, dtype=dtype)
         return model.eval()
     config = R4BConfig.from_hf_dict(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
-    ref = transformers.LlavaOnevisionForConditionalGeneration(reference_config(config))
-    ref.model.multi_modal_projector = GraftedR4BProjector(config)
-    tensors = _read_checkpoint_tensors(directory)
+    return reference_from_tensors(config, _read_checkpoint_tensors(directory), dtype, source=str(directory))
+
+
+def reference_from_tensors(
+    config: R4BConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu", source: str = "the given tensors",
+) -> nn.Module:
+    """The reference built from ``config`` and checkpoint-named tensors (R-4B spelling)."""
+    import transformers
+
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype and place: no full-size fp32 copy
+    try:
+        with torch.device(device):
+            ref = transformers.LlavaOnevisionForConditionalGeneration(reference_config(config))
+            ref.model.multi_modal_projector = GraftedR4BProjector(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     state, used = {}, set()
     tied = config.tie_lm_head
     for name in ref.state_dict():
-        source = _checkpoint_name(name, tensors)
-        if source is None and name == "lm_head.weight" and tied:
-            source = _checkpoint_name("model.language_model.embed_tokens.weight", tensors)
-        if source is None:
-            raise KeyError(f"reference parameter {name!r} has no tensor in {directory}")
-        state[name] = tensors[source]
-        used.add(source)
+        hf = _checkpoint_name(name, tensors)
+        if hf is None and name == "lm_head.weight" and tied:
+            hf = _checkpoint_name("model.language_model.embed_tokens.weight", tensors)
+        if hf is None:
+            raise KeyError(f"reference parameter {name!r} has no tensor in {source}")
+        state[name] = tensors[hf].to(device=device, dtype=dtype)
+        used.add(hf)
     unused = [n for n in tensors if n not in used and ".head." not in n]
     if unused:
-        raise KeyError(f"checkpoint tensors the reference does not use: {unused[:8]}")
+        raise KeyError(f"tensors in {source} the reference does not use: {unused[:8]}")
     ref.load_state_dict(state, strict=True)
     if tied:
         ref.tie_weights()
-    return ref.to(dtype).eval()
+    return ref.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r4b_core.attention import attention
+from r4b_core.attention import attention, decode_attention
 from r4b_core.config import TextConfig
 from r4b_core.kv_cache import KVCache
 
@@ -93,12 +93,14 @@ class AttentionLayout:
     slots:     int64 [B, T] cache slot of each new token (cache only)
     valid:     bool [B, T] which new tokens are real (None = all); padding is never cached
     kv_len:    S, the number of cache slots attended to
+    seq_lens:  int32/int64 [B] valid slots per sequence after this step's write (cache only)
     """
 
     mask: torch.Tensor | None
     slots: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     kv_len: int = 0
+    seq_lens: torch.Tensor | None = None
 
 
 class Qwen3Attention(nn.Module):
@@ -132,6 +134,9 @@ class Qwen3Attention(nn.Module):
         if kv_cache is not None:
             kv_cache.write(self.layer_idx, k, v, layout.slots, layout.valid)
             k, v = kv_cache.read(self.layer_idx, layout.kv_len)  # [B, Hkv, S, D]
+            if T == 1:  # the decode step: the cache's backend (SDPA over all slots, or the Triton kernel)
+                out = decode_attention(q[:, :, 0], k, v, layout.seq_lens, self.scale, kv_cache.decode_backend)
+                return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))  # [B, Hq, D] -> [B, 1, Hq*D]
             k, v = k.to(q.dtype), v.to(q.dtype)
         out = attention(q, k, v, layout.mask, is_causal=True, scale=self.scale,
                         dropout_p=self.dropout if self.training else 0.0)  # [B, Hq, T, D]
@@ -195,13 +200,17 @@ def _positions_and_layout(
     new_lens = past + (valid.sum(-1) if valid is not None else n_new)
     if not torch.compiler.is_compiling():
         kv_cache.check_capacity(new_lens)
-    # decode (T == 1): attend over the whole cache so shapes stay static; prefill: only the used part
-    kv_len = kv_cache.capacity if n_new == 1 else int(new_lens.max())
+    # prefill (T > 1): attend over the used part of the cache only
+    if n_new == 1:  # decode: decode_attention masks by seq_lens itself; shapes stay static
+        layout = AttentionLayout(mask=None, slots=slots, valid=valid, kv_len=kv_cache.capacity, seq_lens=new_lens)
+        return slots, layout, new_lens
+    kv_len = int(new_lens.max())
     key_slot = torch.arange(kv_len, device=device)  # [S]
     mask = key_slot[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal in slot space
     if valid is not None:
         mask = mask | ~valid[:, :, None]
-    return slots, AttentionLayout(mask=mask[:, None], slots=slots, valid=valid, kv_len=kv_len), new_lens
+    layout = AttentionLayout(mask=mask[:, None], slots=slots, valid=valid, kv_len=kv_len, seq_lens=new_lens)
+    return slots, layout, new_lens
 
 
 class Qwen3Model(nn.Module):

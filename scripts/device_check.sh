@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (issue 5). Installs nothing: the GPU image has torch, triton,
+# transformers, safetensors, tokenizers, pillow and jinja2; the checkout runs through PYTHONPATH.
+#
+#   bash scripts/device_check.sh            on a GPU machine (< 8 minutes on an H200)
+#   bash scripts/device_check.sh --dry-run  the same steps on the CPU, tiny shapes, TRITON_INTERPRET=1
+#
+# Steps: the Triton decode kernel vs the PyTorch reference at R-4B's shapes (32/8 heads, head_dim 128)
+# and at SigLIP's head_dim 72; kernel timings vs SDPA at contexts 1k/4k/8k/32k and vs the K/V-bytes
+# roofline; `r4b bench` on a random-init full-shape R-4B in bf16. A short table is printed last.
+# Results (JSON) go to $OUT when set (the device tool fetches it), else to a temporary directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+out_dir="${OUT:-$(mktemp -d)}"
+mkdir -p "$out_dir"
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+    export TRITON_INTERPRET=1
+    python scripts/kernel_check.py --dry-run --json "$out_dir/kernel.json"
+    python -m r4b_core.cli bench --preset tiny --device cpu --prompt-tokens 32 --new-tokens 4 --repeats 1 \
+        --no-compile --json > "$out_dir/bench.json"
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    python scripts/kernel_check.py --json "$out_dir/kernel.json"
+    python -m r4b_core.cli bench --preset r4b --dtype bfloat16 --device cuda --prompt-tokens 512 \
+        --new-tokens 128 --repeats 3 --json > "$out_dir/bench.json"
+fi
+python scripts/device_report.py "$out_dir/kernel.json" "$out_dir/bench.json"

@@ -1,0 +1,42 @@
+"""Print the short table that ends scripts/device_check.sh, from its two JSON files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def fmt(x, spec: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def main(kernel_path: str, bench_path: str) -> int:
+    kernel = json.load(open(kernel_path))
+    bench = json.load(open(bench_path))
+    ok = all(r["passed"] for r in kernel["correctness"])
+    print()
+    print(f"== device check on {kernel['device']} ==")
+    print(f"kernel vs reference: {len(kernel['correctness'])} cases, {'all within tolerance' if ok else 'FAILURES'}; "
+          f"worst rel err {max(r['max_rel_err'] for r in kernel['correctness']):.2e}")
+    timing = kernel["timing"]
+    print(f"decode attention (copy bandwidth {timing['copy_bandwidth_GBps']:.0f} GB/s)")
+    print(f"{'context':>8} {'triton us':>10} {'flash us':>9} {'effic us':>9} {'roofline us':>12} {'of copy bw':>11}")
+    for r in timing["rows"]:
+        print(f"{r['context']:>8} {r['triton_us']:>10.1f} {fmt(r['sdpa_flash_us']):>9} "
+              f"{fmt(r['sdpa_efficient_us']):>9} {r['roofline_us']:>12.1f} {100 * r['fraction_of_copy_bandwidth']:>10.1f}%")
+    decode = bench["decode_tokens_per_s"]
+    print(f"r4b bench · {bench['model']} · {bench['dtype']} · prompt {bench['prompt_tokens']} · "
+          f"{bench['new_tokens']} new tokens")
+    print(f"  prefill text {1e3 * bench['prefill_text_s']['median']:.1f} ms · image "
+          f"({bench['image_prompt_tokens']} tokens) {1e3 * bench['prefill_image_s']['median']:.1f} ms")
+    for name, t in decode.items():
+        print(f"  {name:<14} {t['median']:8.1f} tokens/s  ({100 * bench['fraction_of_limit'][name]:.1f} % of "
+              f"{bench['bandwidth_limit_tokens_per_s']:.0f} tokens/s limit)")
+    if "ratio_ours_vs_transformers" in bench:
+        print(f"  ours / transformers {bench['ratio_ours_vs_transformers']:.2f}x · peak memory "
+              f"{bench['peak_memory_bytes'] / 1024**3:.1f} GiB")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
