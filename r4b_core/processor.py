@@ -302,6 +302,118 @@ class R4BProcessor:
             )
         return ids
 
+    # ------------------------------------------------------------------------------------------
+    # training examples (supervised fine-tuning)
+
+    def build_training_example(self, messages: Sequence[Any], images: Any = None, thinking_mode: str = "auto",
+                               max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """One supervised example from a conversation that holds at least one assistant turn.
+
+        Returns ``input_ids`` and ``labels`` (int64 [T]) and, with images, ``pixel_values``
+        [N_images, views, 3, S, S] and ``image_sizes`` [N_images, 2]; ``collate_training_examples``
+        (or ``self.collate``) batches them.
+
+        The text is the chat template's rendering of the whole conversation (no generation prompt).
+        ``labels`` are -100 except on what the model should write in each assistant turn: the text
+        after the turn's generation prompt (as ``thinking_mode`` renders it: nothing extra for ``auto``,
+        so a ``<think>...</think>`` block in the content is learned; ``long`` / ``short`` put the
+        ``<think>`` opening / the empty thought in the prompt, so the content must start with it)
+        up to and including the turn's end token (``<|im_end|>`` in ChatML, so the model learns to stop;
+        the newline after it is not learned: it is never generated). Thinking text is labelled exactly
+        as the template renders it. Image tokens are never labels. Tokenization is that of the whole
+        text (as at inference); a token is a label when it starts inside a target span.
+
+        Errors: no assistant turn; a number of images that differs from the number of ``<image>``
+        placeholders; a template whose rendering of the first turns is not a prefix of the whole
+        rendering (turn boundaries could not be found); ``max_length`` exceeded (never truncated).
+        """
+        check_thinking_mode(thinking_mode)
+        conversations, batched = _as_conversations(messages)
+        if batched:
+            raise ValueError("build_training_example takes one conversation; call it once per conversation.")
+        conversation = conversations[0]
+        roles = [m.get("role") if isinstance(m, Mapping) else None for m in conversation]
+        turns = [i for i, role in enumerate(roles) if role == "assistant"]
+        if not turns:
+            raise ValueError(
+                f"the conversation has no assistant turn (roles: {roles}); a training example needs at least "
+                "one assistant message to learn from."
+            )
+        imgs = _images_per_sample(images, [_images_in_conversation(conversation)], 1)[0]
+
+        def render(msgs: list[Any], generation_prompt: bool) -> str:
+            return render_chat_template(self.template_source, msgs, generation_prompt, self.special_tokens,
+                                        thinking_mode=thinking_mode)
+
+        full = render(conversation, False)
+        spans = []  # character spans [start, end) of the targets in ``full``
+        for i in turns:
+            head, turn = render(conversation[:i], True), render(conversation[: i + 1], False)
+            if not full.startswith(turn):
+                raise ValueError(
+                    f"the chat template renders messages 0..{i} differently inside the whole conversation (it "
+                    "rewrites earlier turns, e.g. drops their thinking), so the assistant turn cannot be located; "
+                    "make one training example per assistant turn."
+                )
+            if not turn.startswith(head):
+                raise ValueError(
+                    f"assistant message {i} does not start with the generation prompt of thinking_mode="
+                    f"{thinking_mode!r} ({head[len(render(conversation[:i], False)):]!r}); write the content as "
+                    "the model would continue that prompt, or use thinking_mode='auto'."
+                )
+            spans.append((len(head), len(turn.rstrip())))
+
+        n_placeholders = full.count(self.image_token)
+        if n_placeholders != len(imgs):
+            which = "more images than" if len(imgs) > n_placeholders else "fewer images than"
+            raise ValueError(
+                f"{which} placeholders: the conversation has {n_placeholders} {self.image_token} placeholder(s) "
+                f"but {len(imgs)} image(s) were given; they must match one to one."
+            )
+        out: dict[str, torch.Tensor] = {}
+        counts: list[int] = []
+        if imgs:
+            pre = preprocess_images([imgs], self.image_config)
+            out = {"pixel_values": pre["pixel_values"], "image_sizes": pre["image_sizes"]}
+            counts = [anyres.num_image_tokens(tuple(s), self.config, multi_image=len(imgs) > 1)
+                      for s in pre["image_sizes"].tolist()]
+
+        # expand each <image> to its token count, piece by piece, carrying the span boundaries along
+        cuts = sorted({0, len(full), *(c for span in spans for c in span)})
+        remaining = iter(counts)
+        expanded, moved = "", {}
+        for a, b in zip(cuts, cuts[1:]):
+            moved[a] = len(expanded)
+            pieces = full[a:b].split(self.image_token)
+            expanded += pieces[0] + "".join(self.image_token * next(remaining) + p for p in pieces[1:])
+        moved[len(full)] = len(expanded)
+        targets = [(moved[s], moved[e]) for s, e in spans]
+
+        bos = self.special_tokens.get("bos_token")
+        encoding = self.tokenizer.encode(expanded, add_special_tokens=not (bos and expanded.startswith(bos)))
+        ids = torch.tensor(encoding.ids, dtype=torch.int64)
+        if int((ids == self.image_token_id).sum()) != sum(counts):
+            raise ValueError(
+                f"the tokenized text holds {int((ids == self.image_token_id).sum())} image tokens where "
+                f"{sum(counts)} were written; the tokenizer does not keep {self.image_token!r} as one token."
+            )
+        starts = torch.tensor([start for start, _ in encoding.offsets], dtype=torch.int64)
+        is_target = torch.zeros_like(ids, dtype=torch.bool)
+        for s, e in targets:
+            is_target |= (starts >= s) & (starts < e)
+        is_target &= ids != self.image_token_id
+        if not bool(is_target.any()):
+            raise ValueError("the assistant turns give no target tokens (empty content and no end token).")
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(f"the example has {len(ids)} tokens, more than max_length={max_length}; "
+                             "it is not truncated (that could cut image tokens); shorten it or raise the limit.")
+        return {"input_ids": ids, "labels": ids.masked_fill(~is_target, IGNORE_INDEX), **out}
+
+    def collate(self, examples: Sequence[Mapping[str, torch.Tensor]],
+                pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+        """``collate_training_examples`` with this tokenizer's pad id."""
+        return collate_training_examples(examples, self.pad_token_id, pad_to_multiple_of)
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -406,3 +518,49 @@ def _images_per_sample(images: Any, in_messages: list[list[Any]] | None, batch: 
     if batch != 1:
         raise ValueError(f"with {batch} prompts, give images as one list per prompt (e.g. [[img], []]).")
     return [list(images)]
+
+
+# ---------------------------------------------------------------------------------------------
+# batching training examples
+
+IGNORE_INDEX = -100
+
+
+def collate_training_examples(examples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int,
+                              pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """A training batch from ``build_training_example`` outputs; ``model(**batch)`` works.
+
+    ``input_ids`` [B, T] RIGHT-padded with ``pad_token_id`` (training: every real token keeps positions
+    0..n-1), ``attention_mask`` [B, T] (1 = real), ``labels`` [B, T] padded with -100; with images,
+    ``pixel_values`` [N, max_views, 3, S, S] (all images of the batch in order, views zero-padded),
+    ``image_sizes`` [N, 2] and ``batch_num_images`` [B] (images per example, 0 for a text-only one;
+    the model tiles an image only when its example has exactly one).
+    """
+    if not examples:
+        raise ValueError("collate_training_examples: no examples.")
+    for i, ex in enumerate(examples):
+        if ex["input_ids"].ndim != 1 or ex["labels"].shape != ex["input_ids"].shape:
+            raise ValueError(f"example {i}: input_ids and labels should be 1-D tensors of one length.")
+        if ("pixel_values" in ex) != ("image_sizes" in ex):
+            raise ValueError(f"example {i}: pixel_values and image_sizes come together.")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.int64)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.int64)
+    attention_mask = torch.zeros((batch, width), dtype=torch.int64)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = ex["input_ids"], ex["labels"], 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    with_images = [ex for ex in examples if "pixel_values" in ex]
+    if with_images:
+        views = max(ex["pixel_values"].shape[1] for ex in with_images)
+        out["pixel_values"] = torch.cat([
+            torch.nn.functional.pad(ex["pixel_values"], (0, 0, 0, 0, 0, 0, 0, views - ex["pixel_values"].shape[1]))
+            for ex in with_images
+        ])
+        out["image_sizes"] = torch.cat([ex["image_sizes"] for ex in with_images])
+        out["batch_num_images"] = torch.tensor([len(ex.get("image_sizes", ())) for ex in examples], dtype=torch.int64)
+    return out

@@ -2,11 +2,19 @@
 
 Reloading what ``save_hf_checkpoint`` wrote gives bit-identical tensors. A tied lm_head is not
 written (transformers does not store tied weights either).
+
+With ``source_dir`` (the checkpoint the model came from, e.g. before fine-tuning) the files that are
+not weights are copied too, so the directory is a complete checkpoint that transformers, vLLM and
+``R4BProcessor`` read: tokenizer, processor, chat-template and generation-config files
+(``SOURCE_FILES``) and every top-level ``*.py`` (remote code: the modules ``auto_map`` names).
+``config.json`` is always written from the model's config, which keeps the source's unknown keys
+(``auto_map``, ...).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +27,30 @@ from r4b_weights.safetensors_io import write_safetensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# what a checkpoint holds besides config.json and the weights, copied by ``source_dir=``
+SOURCE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+)
+
+
+def copy_source_files(source_dir: str | Path, directory: str | Path) -> list[Path]:
+    """Copy ``SOURCE_FILES`` and every top-level ``*.py`` (remote code) from ``source_dir``; returns the copies."""
+    source_dir, directory = Path(source_dir), Path(directory)
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"source_dir {source_dir} is not a directory.")
+    names = [n for n in SOURCE_FILES if (source_dir / n).is_file()]
+    names += sorted(p.name for p in source_dir.glob("*.py") if p.is_file())
+    copied = []
+    for name in names:
+        target = directory / name
+        if target.exists() and target.resolve() == (source_dir / name).resolve():
+            continue  # saving over the source checkpoint
+        shutil.copyfile(source_dir / name, target)
+        copied.append(target)
+    return copied
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -33,7 +65,8 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 
 def save_hf_checkpoint(
-    model: nn.Module, directory: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    model: nn.Module, directory: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    source_dir: str | Path | None = None,
 ) -> list[Path]:
     """Save ``model`` to ``directory`` in its HF layout; returns the safetensors files written.
 
@@ -42,6 +75,10 @@ def save_hf_checkpoint(
     ``lm_head.*``); ``Qwen3ForCausalLM`` as a plain Qwen3 checkpoint (``model.*``, ``lm_head.*``).
     Shards (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) are used when
     the tensors exceed ``max_shard_bytes``; weight files of an earlier save in ``directory`` are removed.
+    ``source_dir``: also copy the tokenizer / processor / template / generation / remote-code files
+    from that checkpoint (see the module docstring). Wrapper parts in parameter names
+    (activation-checkpoint, compile) never reach ``state_dict()``; merge LoRA adapters first
+    (``r4b_core.lora.merge_lora``): their tensors have no HF name.
     """
     if isinstance(model, R4BForConditionalGeneration):
         def hf_name(name: str) -> str:
@@ -53,7 +90,12 @@ def save_hf_checkpoint(
         raise TypeError(f"save_hf_checkpoint: unsupported model type {type(model).__name__}.")
     directory = Path(directory)
     tied = _tied_names(model)
-    tensors = {hf_name(name): t for name, t in model.state_dict().items() if name not in tied}
+    state = model.state_dict()
+    adapters = [n for n in state if n.endswith((".lora_A", ".lora_B"))]
+    if adapters:
+        raise ValueError(f"save_hf_checkpoint: the model holds LoRA adapters ({adapters[0]}, ...); fold them in with "
+                         "r4b_core.lora.merge_lora(model) first (or save them alone with save_lora).")
+    tensors = {hf_name(name): t for name, t in state.items() if name not in tied}
     config = model.config.to_hf_dict()
     if isinstance(model, Qwen3ForCausalLM):
         config.setdefault("architectures", ["Qwen3ForCausalLM"])
@@ -63,4 +105,7 @@ def save_hf_checkpoint(
         config[key] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return write_safetensors(tensors, directory, max_shard_bytes)
+    written = write_safetensors(tensors, directory, max_shard_bytes)
+    if source_dir is not None:
+        copy_source_files(source_dir, directory)
+    return written
