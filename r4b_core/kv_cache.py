@@ -60,8 +60,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         # the decode step's attention backend ("sdpa" or "triton"), fixed for the cache's lifetime so
-        # that the compiled decode step sees one static choice; the query heads are checked at use
-        self.requested_backend = attention_backend
+        # that the compiled decode step sees one static choice
         self.decode_backend = resolve_decode_backend(attention_backend, self.k.device, dtype, head_dim,
                                                      num_query_heads or num_kv_heads, num_kv_heads)
 

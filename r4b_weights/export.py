@@ -22,18 +22,14 @@ import torch.nn as nn
 
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.qwen3 import Qwen3ForCausalLM
+from r4b_weights.hub import CHECKPOINT_AUX_FILES
 from r4b_weights.names import QWEN3, R4B, ours_to_hf, text_to_full
 from r4b_weights.safetensors_io import write_safetensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-# what a checkpoint holds besides config.json and the weights, copied by ``source_dir=``
-SOURCE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
-)
+SOURCE_FILES = CHECKPOINT_AUX_FILES  # copied by ``source_dir=``
 
 
 def copy_source_files(source_dir: str | Path, directory: str | Path) -> list[Path]:

@@ -10,25 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# What r4b reads from a checkpoint: weights, configs, tokenizer, chat template, and any remote-code
-# .py files (kept so that an export carries them along).
-HUB_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "*.py",
-]
+# What a checkpoint holds besides config.json and the weights, and r4b reads or carries along: the
+# tokenizer, processor, chat-template and generation-config files (export copies these too).
+CHECKPOINT_AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+)
+# Downloaded for a hub id: weights, configs, the files above, and any remote-code .py files (kept so
+# that an export carries them along).
+HUB_ALLOW_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", *CHECKPOINT_AUX_FILES, "*.py"]
 
 
 def hub_offline() -> bool:
@@ -58,7 +49,11 @@ def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) ->
         raise FileNotFoundError(f"{text}: no such checkpoint directory (and not a hub id of the form 'owner/name').")
 
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = hub_offline()
     try:

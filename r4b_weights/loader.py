@@ -19,7 +19,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from r4b_core.config import R4BConfig, TextConfig, read_config_json, text_config_from_dict
+from r4b_core.config import (
+    R4BConfig,
+    TextConfig,
+    read_config_json,
+    text_config_from_dict,
+)
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.projector import projector_input_size
 from r4b_core.qwen3 import Qwen3ForCausalLM
@@ -32,8 +37,21 @@ from r4b_weights.errors import (
     name_list,
 )
 from r4b_weights.hub import resolve_checkpoint
-from r4b_weights.names import QWEN3, R4B, UnknownTensorName, full_to_text, hf_to_ours, ours_to_hf, text_to_full
-from r4b_weights.safetensors_io import TensorInfo, find_weight_files, iter_tensors, read_headers
+from r4b_weights.names import (
+    QWEN3,
+    R4B,
+    UnknownTensorName,
+    full_to_text,
+    hf_to_ours,
+    ours_to_hf,
+    text_to_full,
+)
+from r4b_weights.safetensors_io import (
+    TensorInfo,
+    find_weight_files,
+    iter_tensors,
+    read_headers,
+)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

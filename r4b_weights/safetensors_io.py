@@ -16,7 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from r4b_weights.errors import CorruptCheckpointError, MissingShardError, PickleCheckpointError, name_list
+from r4b_weights.errors import (
+    CorruptCheckpointError,
+    MissingShardError,
+    PickleCheckpointError,
+    name_list,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
