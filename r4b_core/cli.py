@@ -120,6 +120,7 @@ def _load_and_run_r4b(directory, args: argparse.Namespace) -> None:
 @torch.no_grad()
 def _inspect_preset(args: argparse.Namespace) -> int:
     from r4b_core.config import preset
+    from r4b_core.generate import generate
     from r4b_core.kv_cache import KVCache
     from r4b_core.qwen3 import Qwen3ForCausalLM
     from r4b_weights.loader import resolve_dtype
@@ -133,22 +134,16 @@ def _inspect_preset(args: argparse.Namespace) -> int:
     print(f"parameters   {sum(p.numel() for p in model.parameters()):,d} ({dtype}, {args.device})")
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device=args.device)
     cache = KVCache.for_model(config, 1, args.prompt_tokens + args.new_tokens, dtype=dtype, device=args.device)
-    t0 = time.perf_counter()
-    logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
-    t1 = time.perf_counter()
-    tokens = [int(logits[0, -1].argmax())]
-    for _ in range(args.new_tokens - 1):
-        logits = model(torch.tensor([[tokens[-1]]], device=args.device), kv_cache=cache).logits
-        tokens.append(int(logits[0, -1].argmax()))
-    t2 = time.perf_counter()
+    out = generate(model, prompt, max_new_tokens=args.new_tokens, kv_cache=cache)  # greedy, cached
+    tokens = out.tokens[0]
     # the same greedy continuation without the cache, one full forward per token
     seq = prompt
     for _ in range(args.new_tokens):
         nxt = model(seq, logits_to_keep=1).logits[0, -1].argmax()
         seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
     same = seq[0, args.prompt_tokens:].tolist() == tokens
-    print(f"prefill      {args.prompt_tokens} tokens in {1e3 * (t1 - t0):.1f} ms")
-    print(f"decode       {args.new_tokens - 1} cached steps at {(args.new_tokens - 1) / (t2 - t1):.1f} tokens/s")
+    print(f"prefill      {args.prompt_tokens} tokens, first token after {1e3 * out.time_to_first_token_s:.1f} ms")
+    print(f"decode       {args.new_tokens - 1} cached steps at {out.decode_tokens_per_s:.1f} tokens/s")
     print(f"greedy ids   {tokens[:12]}{' ...' if len(tokens) > 12 else ''}")
     print(f"check        cached decode {'equals' if same else 'DIFFERS FROM'} uncached decode")
     return 0 if same else 1

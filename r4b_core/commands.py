@@ -11,14 +11,14 @@ import urllib.request
 from pathlib import Path
 
 
-def open_image(source: str, max_pixels: int | None = None):
+def open_image(source: str):
     """A PIL image from a local path or an http(s)/file URL (downloaded into memory)."""
     from PIL import Image
 
     from r4b_core.image_processing import load_image
 
     if "://" not in source:
-        return load_image(Path(source)) if max_pixels is None else load_image(Path(source), max_pixels=max_pixels)
+        return load_image(Path(source))
     try:
         with urllib.request.urlopen(source, timeout=30) as response:
             data = response.read()

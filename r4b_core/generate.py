@@ -331,8 +331,10 @@ class ChatStream:
         self.result: ChatResult | None = None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
+        from r4b_core.processor import THINK_END, THINK_START
+
         tokenizer = self.processor.tokenizer
-        think_start, think_end = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+        think_start, think_end = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
         section = "thinking" if self.thinking_mode == "long" else "answer"
         streams = {"thinking": TextStreamer(self.processor.decode), "answer": TextStreamer(self.processor.decode)}
         tokens: list[int] = []
@@ -361,10 +363,10 @@ class ChatStream:
 
 def _chat_result(processor, tokens: list[int], eos: Sequence[int], thinking_mode: str, prompt_tokens: int,
                  ttft: float, decode_time: float) -> ChatResult:
-    from r4b_core.processor import split_thinking
+    from r4b_core.processor import THINK_START, split_thinking
 
     text = processor.decode(tokens)
-    thinking, answer = split_thinking(("<think>\n" if thinking_mode == "long" else "") + text)
+    thinking, answer = split_thinking((THINK_START + "\n" if thinking_mode == "long" else "") + text)
     rate = (len(tokens) - 1) / decode_time if len(tokens) > 1 and decode_time > 0 else float("nan")
     return ChatResult(tokens=tokens, text=text, thinking=thinking, answer=answer,
                       finish_reason="eos" if tokens and tokens[-1] in eos else "length",
