@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from r4b_core.config import R4BConfig
+from r4b_core.config import R4BConfig, check_pinpoints, max_tiles
 
 Size = tuple[int, int]
 
@@ -52,26 +52,6 @@ def _as_size(image_size, what: str = "image_size") -> Size:
     return h, w
 
 
-def _check_pinpoints(pinpoints: Sequence[Sequence[int]]) -> list[Size]:
-    if not pinpoints:
-        raise ValueError("image_grid_pinpoints is empty; anyres needs at least one [height, width].")
-    return [_as_size(p, "pinpoint") for p in pinpoints]
-
-
-def max_tiles(vision_aspect_ratio: str) -> int | None:
-    """N of ``"anyres_max_N"``; None for plain ``"anyres"`` (never downscale).
-
-    transformers parses N with ``int(s.strip("anyres_max_"))``, which turns plain "anyres" into
-    ``int("")`` and crashes; here "anyres" means "no downscale" (a deliberate divergence).
-    """
-    if vision_aspect_ratio == "anyres":
-        return None
-    n = vision_aspect_ratio[len("anyres_max_"):] if vision_aspect_ratio.startswith("anyres_max_") else ""
-    if not (n.isdigit() and int(n) > 0):
-        raise ValueError(f"vision_aspect_ratio = {vision_aspect_ratio!r}; expected 'anyres' or 'anyres_max_N'.")
-    return int(n)
-
-
 # ---------------------------------------------------------------------------------------------
 # image side: canvas, resize, pad, tiles
 
@@ -85,7 +65,7 @@ def select_best_resolution(image_size: Size, pinpoints: Sequence[Sequence[int]])
     """
     H, W = _as_size(image_size)
     best, best_eff, best_waste = None, 0, float("inf")
-    for h, w in _check_pinpoints(pinpoints):
+    for h, w in check_pinpoints(pinpoints):
         scale = min(w / W, h / H)
         eff = min(int(W * scale) * int(H * scale), W * H)
         waste = h * w - eff
@@ -127,11 +107,9 @@ def grid_shape(image_size: Size, pinpoints: Sequence[Sequence[int]], tile_size: 
     """(rows, cols) of tiles: the best pinpoint divided by the tile size.
 
     Pinpoints must be multiples of the tile size (transformers' processor would cut a partial last tile
-    that its model cannot reshape); anything else is a ValueError.
+    that its model cannot reshape); anything else is a ValueError (``config.check_pinpoints``).
     """
-    bh, bw = select_best_resolution(image_size, pinpoints)
-    if tile_size <= 0 or bh % tile_size or bw % tile_size:
-        raise ValueError(f"pinpoint ({bh}, {bw}) is not a multiple of the tile size {tile_size}.")
+    bh, bw = select_best_resolution(image_size, check_pinpoints(pinpoints, tile_size))
     return bh // tile_size, bw // tile_size
 
 

@@ -18,6 +18,11 @@ The backend is chosen by argument, never at import time: ``resolve_decode_backen
 the kernel supports the shape (falling back to SDPA with a one-line notice when it does not) and
 SDPA on every other device; a forced "triton" that cannot run raises (on the CPU it runs under
 TRITON_INTERPRET=1, which is how the tests exercise it).
+
+The explicit path, ``attention_probs`` then ``attend``, materialises the probabilities [B, Hq, T, S]
+as transformers' eager attention does (scores in the input dtype, softmax in fp32, cast back). The
+models use it only for a layer whose probabilities are asked for (``output_attentions=True``, or a
+hook on that layer's ``hook_pattern``); an ``AttentionRecorder`` collects them during one forward.
 """
 
 from __future__ import annotations
@@ -60,6 +65,49 @@ def attention(
     )
 
 
+class AttentionRecorder:
+    """Collects each layer's attention probabilities [B, Hq, T, S] during one forward, in layer order.
+
+    A plain object rather than a list or a dataclass: wrappers that rebuild a block's arguments (FSDP2's
+    input casting rebuilds lists and dataclasses) pass it through as the same object.
+    """
+
+    def __init__(self) -> None:
+        self.probs: list[torch.Tensor] = []
+
+    def add(self, probs: torch.Tensor) -> None:
+        self.probs.append(probs)
+
+
+def _repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, Hq, S, D]: query head h reads key/value head h // (Hq / Hkv)."""
+    return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
+) -> torch.Tensor:
+    """Softmax(q k^T * scale) [B, Hq, T, S] with masked keys at probability 0.
+
+    ``mask`` as in ``attention`` (bool [B, 1, T, S], True = may attend); with None and ``is_causal``
+    query t sees keys [0, S - T + t]. Rows must keep at least one key (the models' masks always do).
+    """
+    T, S = q.shape[2], k.shape[2]
+    scores = torch.matmul(q, _repeat_kv_heads(k, q.shape[1]).transpose(2, 3)) * scale  # [B, Hq, T, S]
+    if mask is None and is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # [T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def attend(probs: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """probs [B, Hq, T, S] @ v [B, Hkv, S, D] -> [B, Hq, T, D] (dropout on the probabilities, as SDPA)."""
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, _repeat_kv_heads(v, probs.shape[1]).to(probs.dtype))
+
+
 def _triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int) -> str | None:
     """Why the Triton decode kernel cannot run here, or None when it can."""
     from r4b_kernels import decode_attention as kernel  # imports without triton; reports it below
@@ -95,7 +143,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence against the cache: q [B, Hq, D] -> [B, Hq, D]."""
     if backend == "triton":
-        from r4b_kernels.decode_attention import decode_attention_op  # a custom op: no host sync, compile-safe
+        from r4b_kernels.decode_op import decode_attention_op  # a custom op: no host sync, compile-safe
 
         return decode_attention_op(q, k_cache, v_cache, seq_lens, scale)
     valid = torch.arange(k_cache.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, S]

@@ -74,9 +74,9 @@ def decode_bytes_per_token(model: torch.nn.Module, context: int) -> int:
 def _image_prompt(config: R4BConfig, device: torch.device, dtype: torch.dtype, text_tokens: int):
     from r4b_core.anyres import num_image_tokens
     from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-    from r4b_core.parity import default_picture
+    from r4b_core.synthetic import synthetic_picture
 
-    picture = default_picture()
+    picture = synthetic_picture(640, 480, seed=0)
     inputs = preprocess_images([picture], ImageProcessorConfig.for_model(config))
     n_image = num_image_tokens((picture.height, picture.width), config)
     gen = torch.Generator().manual_seed(1)

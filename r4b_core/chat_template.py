@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from r4b_core.json_io import read_json_if_present
+
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 BUILTIN_CHAT_TEMPLATE = r"""{#- r4b built-in: Qwen3 ChatML + R-4B's thinking modes (inferred, see processor.py) -#}
@@ -203,20 +205,6 @@ def render_chat_template(source: str, conversation: Sequence[Any], add_generatio
 # finding the checkpoint's template
 
 
-def read_json_object(path: Path, required: bool = False) -> dict | None:
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(f"{path}: missing.")
-        return None
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}).") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level.")
-    return d
-
-
 def _pick_template(value: Any, source: Path) -> str:
     """A template string, or the "default" entry of a list of {"name", "template"} (or a name->text dict)."""
     if isinstance(value, str):
@@ -239,12 +227,12 @@ def find_chat_template(directory: Path, tokenizer_config: dict | None = None) ->
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8"), jinja_file
     json_file = directory / "chat_template.json"
-    d = read_json_object(json_file)
+    d = read_json_if_present(json_file)
     if d is not None and d.get("chat_template") is not None:
         return _pick_template(d["chat_template"], json_file), json_file
     config_file = directory / "tokenizer_config.json"
     if tokenizer_config is None:
-        tokenizer_config = read_json_object(config_file) or {}
+        tokenizer_config = read_json_if_present(config_file) or {}
     if tokenizer_config.get("chat_template") is not None:
         return _pick_template(tokenizer_config["chat_template"], config_file), config_file
     return None, None

@@ -1,76 +1,62 @@
-"""Generation as free functions outside the model: prefill, decode step, sampling, stopping, streaming.
+"""Token-level generation as free functions outside the model: sampling, prefill, decode step, the loop.
 
     prompt ids [B, T] (left-padded) + images
+      -> prepare_generation: inputs onto the model's device / dtype; eos, pad and sampling chosen
       -> prefill: one forward that fills a fresh KVCache and gives the last position's logits [B, V]
       -> repeat: sample a token per sequence, stop finished sequences (eos / max_new_tokens),
                  decode_step: one forward of the new tokens [B, 1] through the cache
+      -> GenerationStream keeps the books (tokens, finish reasons, GenerationTimer) -> GenerationOutput
 
 ``decode_step`` has static shapes (the cache is attended over its whole capacity with a mask), so
 it can be compiled. Sampling is greedy when ``temperature == 0``; otherwise temperature, top-k and
 top-p (applied in that order, as transformers does) and a draw from a seeded generator.
+``generate`` drains a ``GenerationStream``; chat.py streams one (text in, text out lives there).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from r4b_core.generation_config import GenerationConfig, SamplingParams
 from r4b_core.kv_cache import KVCache
 
 
-@dataclass
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no top-k filter
-    top_p: float = 1.0  # 1: no nucleus filter
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+def decode_tokens_per_s(token_counts: Sequence[int], decode_time_s: float) -> float | None:
+    """Tokens after each sequence's first, summed, per second of decoding; None when fewer than 2 tokens
+    of any sequence were decoded (there is no decode phase to time; None stays valid JSON, NaN does not)."""
+    decoded = sum(max(n - 1, 0) for n in token_counts)
+    return decoded / decode_time_s if decoded > 0 and decode_time_s > 0 else None
 
 
-@dataclass
-class GenerationConfig:
-    """What ``generation_config.json`` says (only the keys r4b uses)."""
+class GenerationTimer:
+    """Wall-clock marks of one generation: created before prefill, ``token()`` at every step (the first
+    call marks the first token), ``stop()`` at the end. TTFT = first token - start (prefill + first
+    sample); decode time = end - first token."""
 
-    eos_token_id: list[int] = field(default_factory=list)
-    pad_token_id: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    do_sample: bool | None = None
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.end: float | None = None
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "GenerationConfig":
-        """Read ``generation_config.json``; an absent file gives an empty config."""
-        path = Path(directory) / "generation_config.json"
-        if not path.is_file():
-            return cls()
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}).") from None
-        eos = d.get("eos_token_id")
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return cls(eos_token_id=eos, pad_token_id=d.get("pad_token_id"), temperature=d.get("temperature"),
-                   top_k=d.get("top_k"), top_p=d.get("top_p"), do_sample=d.get("do_sample"))
+    def token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
 
-    def sampling(self, seed: int | None = None) -> SamplingParams:
-        """The checkpoint's default sampling (greedy unless it sets do_sample)."""
-        if not self.do_sample:
-            return SamplingParams(seed=seed)
-        return SamplingParams(temperature=self.temperature or 1.0, top_k=self.top_k or 0, top_p=self.top_p or 1.0,
-                              seed=seed)
+    def stop(self) -> None:
+        self.end = time.perf_counter()
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return (self.first or self.end or self.start) - self.start
+
+    @property
+    def decode_time_s(self) -> float:
+        return (self.end or self.start) - (self.first or self.end or self.start)
 
 
 @dataclass
@@ -84,10 +70,9 @@ class GenerationOutput:
     decode_time_s: float
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first, per second of decoding, summed over the batch."""
-        steps = sum(max(len(t) - 1, 0) for t in self.tokens)
-        return steps / self.decode_time_s if self.decode_time_s > 0 else float("nan")
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first, per second of decoding, summed over the batch (None: fewer than 2)."""
+        return decode_tokens_per_s([len(t) for t in self.tokens], self.decode_time_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +161,7 @@ def generate_steps(
     decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] | None = None,
     compile: bool = False,
     attention_backend: str = "auto",
+    token_filter: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **inputs,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], finished [B] bool) once per generated position, until every sequence has
@@ -183,8 +169,9 @@ def generate_steps(
 
     ``compile``: run the decode step through ``compiled_decode_step``. ``attention_backend`` ("auto",
     "sdpa", "triton") picks the decode attention of the cache made here (ignored when ``kv_cache`` is
-    given: the cache carries its own). ``inputs`` go to the prefill forward: attention_mask,
-    pixel_values, image_sizes, batch_num_images.
+    given: the cache carries its own). ``token_filter``: sampled tokens [B] -> the tokens to emit and feed
+    back (e.g. a ``ThinkingBudget`` forcing ``</think>``). ``inputs`` go to the prefill forward:
+    attention_mask, pixel_values, image_sizes, batch_num_images.
     """
     batch, prompt_len = input_ids.shape
     text_config = getattr(model.config, "text_config", model.config)
@@ -210,6 +197,8 @@ def generate_steps(
     logits = prefill(model, input_ids, kv_cache, **inputs)
     for step in range(max_new_tokens):
         tokens = sample_next_token(logits, sampling, generator)
+        if token_filter is not None:
+            tokens = token_filter(tokens)
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         newly_done = torch.isin(tokens, eos) & ~finished
         yield tokens, finished.clone()
@@ -223,180 +212,127 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+# ---------------------------------------------------------------------------------------------
+# one preparation and one bookkeeping loop, shared by generate() and chat.ChatStream / chat_batch
+
+
+@dataclass
+class PreparedGeneration:
+    """A prompt ready for ``generate_steps``: tensors where the model is, stop and pad ids, sampling."""
+
+    input_ids: torch.Tensor  # [B, T] on the model's device
+    inputs: dict[str, Any]  # attention_mask, pixel_values, image_sizes, batch_num_images (those given)
+    eos_token_ids: list[int]
+    pad_token_id: int
+    sampling: SamplingParams
+
+
+def prepare_generation(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    sampling: SamplingParams | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generation_config: GenerationConfig | None = None,
+    default_eos_token_ids: Sequence[int] = (),
+    default_pad_token_id: int = 0,
+) -> PreparedGeneration:
+    """Move the prompt to the model and choose what generation needs, in one place.
+
+    ``input_ids`` and ``attention_mask`` go to the model's device, ``pixel_values`` also to its dtype;
+    ``image_sizes`` / ``batch_num_images`` stay where they are (the model reads them on the host).
+    Each of eos ids, pad id and sampling is: the argument when given, else ``generation_config``'s
+    (``generation_config.json``: a non-empty ``eos_token_id``, a ``pad_token_id``, ``sampling()``),
+    else the default (the tokenizer's ids at the chat level; none / 0 / greedy at the token level).
+    """
+    parameter = next(model.parameters())
+    prepared = dict(inputs or {})
+    if prepared.get("attention_mask") is not None:
+        prepared["attention_mask"] = prepared["attention_mask"].to(parameter.device)
+    if prepared.get("pixel_values") is not None:
+        prepared["pixel_values"] = prepared["pixel_values"].to(parameter.device, _model_dtype(model))
+    if eos_token_ids is None:
+        from_config = generation_config.eos_token_id if generation_config is not None else None
+        eos_token_ids = from_config or default_eos_token_ids
+    if pad_token_id is None:
+        from_config = generation_config.pad_token_id if generation_config is not None else None
+        pad_token_id = from_config if from_config is not None else default_pad_token_id
+    if sampling is None:
+        sampling = generation_config.sampling() if generation_config is not None else SamplingParams()
+    return PreparedGeneration(input_ids=input_ids.to(parameter.device), inputs=prepared,
+                              eos_token_ids=[int(i) for i in eos_token_ids], pad_token_id=int(pad_token_id),
+                              sampling=sampling)
+
+
+class GenerationStream:
+    """``generate_steps`` with the books kept. Iterate to get, per step, each sequence's new token (None for
+    a sequence that had already finished); when the iteration ends, ``output`` (a GenerationOutput with
+    the tokens, finish reasons and the GenerationTimer's timings) is set. ``run()`` drains it."""
+
+    def __init__(self, model: torch.nn.Module, prepared: PreparedGeneration, *, max_new_tokens: int,
+                 kv_cache: KVCache | None = None,
+                 decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] | None = None,
+                 compile: bool = False, attention_backend: str = "auto",
+                 token_filter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.model, self.prepared, self.max_new_tokens = model, prepared, max_new_tokens
+        self.kv_cache, self.decode_fn = kv_cache, decode_fn
+        self.compile, self.attention_backend = compile, attention_backend
+        self.token_filter = token_filter
+        self.output: GenerationOutput | None = None
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        p = self.prepared
+        batch, prompt_tokens = p.input_ids.shape
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        eos = set(p.eos_token_ids)
+        timer = GenerationTimer()
+        steps = generate_steps(self.model, p.input_ids, max_new_tokens=self.max_new_tokens, sampling=p.sampling,
+                               eos_token_ids=p.eos_token_ids, pad_token_id=p.pad_token_id, kv_cache=self.kv_cache,
+                               decode_fn=self.decode_fn, compile=self.compile,
+                               attention_backend=self.attention_backend, token_filter=self.token_filter, **p.inputs)
+        for new, was_finished in steps:
+            timer.token()
+            row: list[int | None] = [None if done else token for token, done in
+                                     zip(new.tolist(), was_finished.tolist())]
+            for b, token in enumerate(row):
+                if token is not None:
+                    tokens[b].append(token)
+                    if token in eos:
+                        reasons[b] = "eos"
+            yield row
+        timer.stop()
+        self.output = GenerationOutput(tokens=tokens, finish_reasons=reasons, prompt_tokens=prompt_tokens,
+                                       time_to_first_token_s=timer.time_to_first_token_s,
+                                       decode_time_s=timer.decode_time_s)
+
+    def run(self) -> GenerationOutput:
+        for _ in self:
+            pass
+        return self.output
+
+
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     *,
     max_new_tokens: int = 256,
-    sampling: SamplingParams = SamplingParams(),
-    eos_token_ids: Sequence[int] = (),
-    pad_token_id: int = 0,
+    sampling: SamplingParams | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generation_config: GenerationConfig | None = None,
     kv_cache: KVCache | None = None,
     decode_fn: Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor] | None = None,
     compile: bool = False,
     attention_backend: str = "auto",
     **inputs,
 ) -> GenerationOutput:
-    """Generate for a (left-padded) batch; see ``generate_steps`` for the arguments."""
-    batch = input_ids.shape[0]
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    reasons = ["length"] * batch
-    eos = set(eos_token_ids)
-    start = time.perf_counter()
-    first = None
-    steps = generate_steps(model, input_ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                           eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, kv_cache=kv_cache,
-                           decode_fn=decode_fn, compile=compile, attention_backend=attention_backend, **inputs)
-    for new, was_finished in steps:
-        for b, (token, done) in enumerate(zip(new.tolist(), was_finished.tolist())):
-            if not done:
-                tokens[b].append(token)
-                if token in eos:
-                    reasons[b] = "eos"
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return GenerationOutput(tokens=tokens, finish_reasons=reasons, prompt_tokens=input_ids.shape[1],
-                            time_to_first_token_s=first - start, decode_time_s=end - first)
-
-
-class TextStreamer:
-    """Turns a growing token list into UTF-8-safe text deltas.
-
-    Byte-level BPE can split one character over several tokens; until the last character is
-    complete the decoded text ends in U+FFFD, and that tail is held back.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self.decode = decode
-        self.ids: list[int] = []
-        self.emitted = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.emitted = text[self.emitted:], len(text)
-        return delta
-
-    def flush(self) -> str:
-        text = self.decode(self.ids)
-        delta, self.emitted = text[self.emitted:], len(text)
-        return delta
-
-
-# ---------------------------------------------------------------------------------------------
-# text in, text out: messages + images -> streamed (section, delta) pairs and a ChatResult
-
-
-@dataclass
-class ChatResult:
-    tokens: list[int]
-    text: str  # special tokens skipped; <think>/</think> kept (they are not "special" in Qwen3)
-    thinking: str | None  # None: the model did not think
-    answer: str
-    finish_reason: str  # "eos" or "length"
-    prompt_tokens: int
-    time_to_first_token_s: float
-    decode_tokens_per_s: float
-
-
-class ChatStream:
-    """Iterate to get ("thinking" | "answer", text delta) pairs as tokens arrive; ``result`` is set
-    when the iteration ends. The thinking is recognised by the ``<think>``/``</think>`` tokens; in
-    ``long`` mode the prompt already opened ``<think>``, so the stream starts in the thinking."""
-
-    def __init__(self, model: torch.nn.Module, processor, messages: list[dict], images=None, *,
-                 thinking_mode: str = "auto", max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
-                 generation_config: GenerationConfig | None = None, compile: bool = False,
-                 attention_backend: str = "auto") -> None:
-        device = next(model.parameters()).device
-        inputs = processor(messages=messages, images=images, thinking_mode=thinking_mode)
-        if inputs["input_ids"].shape[0] != 1:
-            raise ValueError("ChatStream streams one conversation; use chat_batch for several.")
-        inputs.pop("attention_mask")  # one prompt: no padding
-        self.input_ids = inputs.pop("input_ids").to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(device, _model_dtype(model))
-        self.inputs = inputs
-        self.model, self.processor, self.thinking_mode = model, processor, thinking_mode
-        self.max_new_tokens = max_new_tokens
-        self.compile, self.attention_backend = compile, attention_backend
-        generation_config = generation_config or GenerationConfig()
-        self.sampling = sampling or generation_config.sampling()
-        self.eos = generation_config.eos_token_id or processor.eos_token_ids
-        pad = generation_config.pad_token_id
-        self.pad = pad if pad is not None else processor.pad_token_id
-        self.result: ChatResult | None = None
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        from r4b_core.processor import THINK_END, THINK_START
-
-        tokenizer = self.processor.tokenizer
-        think_start, think_end = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
-        section = "thinking" if self.thinking_mode == "long" else "answer"
-        streams = {"thinking": TextStreamer(self.processor.decode), "answer": TextStreamer(self.processor.decode)}
-        tokens: list[int] = []
-        start = time.perf_counter()
-        first = None
-        steps = generate_steps(self.model, self.input_ids, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                               eos_token_ids=self.eos, pad_token_id=self.pad, compile=self.compile,
-                               attention_backend=self.attention_backend, **self.inputs)
-        for new, _ in steps:
-            token = int(new[0])
-            first = first or time.perf_counter()
-            tokens.append(token)
-            if token == think_start:
-                section = "thinking"
-            elif token == think_end:
-                section = "answer"
-            elif delta := streams[section].push(token):
-                yield section, delta
-        end = time.perf_counter()
-        for name, stream in streams.items():
-            if delta := stream.flush():
-                yield name, delta
-        self.result = _chat_result(self.processor, tokens, self.eos, self.thinking_mode, self.input_ids.shape[1],
-                                   first - start, end - first)
-
-
-def _chat_result(processor, tokens: list[int], eos: Sequence[int], thinking_mode: str, prompt_tokens: int,
-                 ttft: float, decode_time: float) -> ChatResult:
-    from r4b_core.processor import THINK_START, split_thinking
-
-    text = processor.decode(tokens)
-    thinking, answer = split_thinking((THINK_START + "\n" if thinking_mode == "long" else "") + text)
-    rate = (len(tokens) - 1) / decode_time if len(tokens) > 1 and decode_time > 0 else float("nan")
-    return ChatResult(tokens=tokens, text=text, thinking=thinking, answer=answer,
-                      finish_reason="eos" if tokens and tokens[-1] in eos else "length",
-                      prompt_tokens=prompt_tokens, time_to_first_token_s=ttft, decode_tokens_per_s=rate)
-
-
-def chat(model: torch.nn.Module, processor, messages: list[dict], images=None, **kwargs) -> ChatResult:
-    """Generate an answer for one conversation (see ChatStream for the keyword arguments)."""
-    stream = ChatStream(model, processor, messages, images, **kwargs)
-    for _ in stream:
-        pass
-    return stream.result
-
-
-def chat_batch(model: torch.nn.Module, processor, conversations: list[list[dict]], images=None, *,
-               thinking_mode: str = "auto", max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
-               generation_config: GenerationConfig | None = None, compile: bool = False,
-               attention_backend: str = "auto") -> list[ChatResult]:
-    """Several conversations at once (left-padded); ``images``: one list per conversation."""
-    device = next(model.parameters()).device
-    inputs = processor(messages=conversations, images=images, thinking_mode=thinking_mode)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(device, _model_dtype(model))
-    ids = inputs.pop("input_ids").to(device)
-    inputs["attention_mask"] = inputs["attention_mask"].to(device)
-    generation_config = generation_config or GenerationConfig()
-    eos = generation_config.eos_token_id or processor.eos_token_ids
-    pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
-    out = generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling or generation_config.sampling(),
-                   eos_token_ids=eos, pad_token_id=pad, compile=compile, attention_backend=attention_backend, **inputs)
-    per_sequence_time = out.decode_time_s
-    return [_chat_result(processor, tokens, eos, thinking_mode, ids.shape[1], out.time_to_first_token_s,
-                         per_sequence_time) for tokens in out.tokens]
+    """Generate for a (left-padded) batch; see ``generate_steps`` for the arguments. Without
+    ``sampling`` / ``eos_token_ids`` / ``pad_token_id``: ``generation_config``'s when given, else
+    greedy, no eos, pad 0 (see ``prepare_generation``)."""
+    prepared = prepare_generation(model, input_ids, inputs, sampling=sampling, eos_token_ids=eos_token_ids,
+                                  pad_token_id=pad_token_id, generation_config=generation_config)
+    return GenerationStream(model, prepared, max_new_tokens=max_new_tokens, kv_cache=kv_cache, decode_fn=decode_fn,
+                            compile=compile, attention_backend=attention_backend).run()

@@ -24,7 +24,6 @@ maps "...ImageProcessor", "...ImageProcessorPil" and "...ImageProcessorFast" to 
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import warnings
 from dataclasses import dataclass, field, fields
@@ -36,7 +35,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from r4b_core import anyres
-from r4b_core.config import R4BConfig
+from r4b_core.config import R4BConfig, check_pinpoints
+from r4b_core.json_io import MANUAL, read_fields, read_json
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # transformers' class defaults, used for absent keys
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -69,7 +69,7 @@ class ImageProcessorConfig:
     crop_size: dict | None = None
     image_processor_type: str = "LlavaOnevisionImageProcessor"
     processor_class: str | None = None
-    extra: dict = field(default_factory=dict)  # keys we do not interpret, written back by to_hf_dict
+    extra: dict = field(default_factory=dict, metadata=MANUAL)  # keys we do not interpret, written back
 
     def __post_init__(self) -> None:
         size = self.size
@@ -96,16 +96,7 @@ class ImageProcessorConfig:
         for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"key '{key}' = {getattr(self, key)!r} should be true or false.")
-        pins = self.image_grid_pinpoints
-        if not isinstance(pins, list) or not pins or not all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(x) and x > 0 for x in p) for p in pins
-        ):
-            raise ValueError(f"key 'image_grid_pinpoints' = {pins!r} should be a non-empty list of [height, width].")
-        for h, w in pins:
-            if h % self.tile_size or w % self.tile_size:
-                raise ValueError(
-                    f"pinpoint [{h}, {w}] in 'image_grid_pinpoints' is not a multiple of tile size {self.tile_size}."
-                )
+        check_pinpoints(self.image_grid_pinpoints, self.tile_size)
 
     @property
     def tile_size(self) -> int:
@@ -126,13 +117,13 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "preprocessor_config.json") -> "ImageProcessorConfig":
+        """Walk the fields (absent or null key -> the field's default, values type-checked against the
+        annotation), keep the other keys in ``extra``, then check the values; errors name ``source``."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object at the top level.")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: copy.deepcopy(v) for k, v in d.items() if k in known and v is not None}
-        extra = {k: copy.deepcopy(v) for k, v in d.items() if k not in known}
         try:
-            return cls(**kwargs, extra=extra)
+            rest = copy.deepcopy(d)
+            return cls(**read_fields(cls, rest, error=ValueError), extra=rest)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -140,13 +131,7 @@ class ImageProcessorConfig:
     def from_pretrained(cls, directory: str | Path) -> "ImageProcessorConfig":
         """Read ``directory/preprocessor_config.json``."""
         path = Path(directory) / "preprocessor_config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no preprocessor_config.json in {directory}.")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e}).") from None
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json(path, what=f"the image processor config of {directory}"), source=str(path))
 
     @classmethod
     def for_model(cls, config: R4BConfig) -> "ImageProcessorConfig":

@@ -98,6 +98,18 @@ class KVCache:
         """Forget every sequence (the storage is kept; stale slots are masked by seq_lens)."""
         self.seq_lens.zero_()
 
+    def row(self, index: int) -> "KVCache":
+        """A batch-1 cache that is a view of sequence ``index``: k/v [L, 1, H_kv, S, D] and seq_lens [1]
+        share this cache's storage, so a forward through the view (e.g. prefilling one request of a
+        continuously batched server) writes that row only. It keeps this cache's decode backend."""
+        if not isinstance(index, int) or not 0 <= index < self.batch_size:
+            raise ValueError(f"KVCache.row: index must be an int in [0, {self.batch_size}), got {index!r}.")
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, index:index + 1], self.v[:, index:index + 1]  # [L, 1, H_kv, S, D] views
+        view.seq_lens = self.seq_lens[index:index + 1]  # [1] view
+        view.decode_backend = self.decode_backend
+        return view
+
     def check_capacity(self, new_lens: torch.Tensor) -> None:
         """Raise if any sequence would hold more than ``capacity`` tokens. Syncs with the device."""
         longest = int(new_lens.max())

@@ -11,10 +11,21 @@
 Only composition and the splice live here; the tiling math is in ``anyres.py``. Parameter names:
 ``vision_tower.*``, ``multi_modal_projector.*``, ``image_newline``, ``language_model.model.*``,
 ``language_model.lm_head.*`` (see r4b_weights/names.py for the checkpoint spellings).
+
+Hook points added here (r4b_core/hooks.py; the tower's, projector's and decoder's are in their files):
+``hook_image_features`` [N_image_tokens, C] (every image's packed features, concatenated in prompt
+order) and ``hook_inputs_embeds`` [B, T, C] (the decoder's input after the splice).
+
+``output_hidden_states`` / ``output_attentions`` return transformers 5's LLaVA-OneVision fields:
+``hidden_states`` / ``attentions`` of the decoder and ``image_outputs`` (whenever images are given:
+``pooler_output`` = the packed features per image; with the flags also the vision tower's
+``last_hidden_state``, ``hidden_states`` and ``attentions``). ``image_hidden_states`` is transformers
+4.x's name: the packed features of all images concatenated [N_image_tokens, C].
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +33,7 @@ import torch.nn as nn
 
 from r4b_core import anyres
 from r4b_core.config import R4BConfig
+from r4b_core.hooks import HookPoint
 from r4b_core.kv_cache import KVCache
 from r4b_core.projector import MultiModalProjector
 from r4b_core.qwen3 import CausalLMOutput, Qwen3ForCausalLM
@@ -32,12 +44,36 @@ class ImageTokenMismatchError(ValueError):
     """The prompt's image tokens and the images' packed features differ in number."""
 
 
+@dataclass
+class ImageOutputs:
+    """transformers 5's ``image_outputs`` (a ``BaseModelOutputWithPooling``); None: not requested."""
+
+    pooler_output: tuple[torch.Tensor, ...]  # per image: packed, projected features [n_i, C]
+    last_hidden_state: torch.Tensor | None = None  # [V, P, Dv] the tower's last layer after post_layernorm
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # L_vision + 1 of [V, P, Dv]
+    attentions: tuple[torch.Tensor, ...] | None = None  # L_vision of [V, H, P, P]
+
+
+@dataclass
+class R4BCausalLMOutput(CausalLMOutput):
+    """Logits, loss, the decoder's hidden_states / attentions and, when images were given, image_outputs."""
+
+    image_outputs: ImageOutputs | None = None
+
+    @property
+    def image_hidden_states(self) -> torch.Tensor | None:
+        """transformers 4.x's field: all images' packed features concatenated, [N_image_tokens, C]."""
+        return None if self.image_outputs is None else torch.cat(self.image_outputs.pooler_output)
+
+
 class R4BForConditionalGeneration(nn.Module):
     def __init__(self, config: R4BConfig) -> None:
         super().__init__()
         self.config = config
         self.vision_tower = SiglipVisionTransformer(config.vision_config)
         self.multi_modal_projector = MultiModalProjector(config)
+        self.hook_image_features = HookPoint()  # [N_image_tokens, C] packed features of all images
+        self.hook_inputs_embeds = HookPoint()  # [B, T, C] embeddings with the image features spliced in
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = Qwen3ForCausalLM(config.text_config)  # ties lm_head per text_config
 
@@ -66,6 +102,17 @@ class R4BForConditionalGeneration(nn.Module):
         batch_num_images: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Packed, projected features per image: a list of [n_i, C] tensors (n_i = num_image_tokens)."""
+        return list(self.encode_images(pixel_values, image_sizes, batch_num_images).pooler_output)
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        batch_num_images: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ImageOutputs:
+        """The vision tower, projector and packing: ``pooler_output`` holds each image's [n_i, C] features."""
         cfg, vcfg = self.config, self.config.vision_config
         if pixel_values.ndim != 5 or pixel_values.shape[0] != len(image_sizes):
             raise ValueError(
@@ -76,7 +123,8 @@ class R4BForConditionalGeneration(nn.Module):
         if max(counts) > pixel_values.shape[1]:
             raise ValueError(f"an image needs {max(counts)} views but pixel_values holds {pixel_values.shape[1]}.")
         views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])  # [V, 3, H, W]
-        feats = self.vision_tower(views, cfg.vision_feature_layer)  # [V, P, Dv * n_layers]
+        tower = self.vision_tower(views, cfg.vision_feature_layer, output_hidden_states, output_attentions)
+        feats = tower.features  # [V, P, Dv * n_layers]
         if cfg.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # drop the first (CLS) position, as transformers does
         feats = self.multi_modal_projector(feats)  # [V, P, C]
@@ -87,7 +135,8 @@ class R4BForConditionalGeneration(nn.Module):
                 image_views, (int(h), int(w)), self.image_newline, cfg.image_grid_pinpoints, vcfg.image_size,
                 side, cfg.vision_aspect_ratio,
             ))
-        return packed
+        return ImageOutputs(pooler_output=tuple(packed), last_hidden_state=tower.last_hidden_state,
+                            hidden_states=tower.hidden_states, attentions=tower.attentions)
 
     def embed(
         self,
@@ -97,12 +146,26 @@ class R4BForConditionalGeneration(nn.Module):
         batch_num_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings [B, T, C] with image features spliced in at the image-token positions."""
+        return self._embed(input_ids, pixel_values, image_sizes, batch_num_images)[0]
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        batch_num_images: torch.Tensor | None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, ImageOutputs | None]:
+        """``embed`` plus the image outputs (None without images)."""
         embeds = self.language_model.model.embed_tokens(input_ids)
         if pixel_values is None:
-            return embeds
+            return self.hook_inputs_embeds(embeds), None
         if image_sizes is None:
             raise ValueError("pixel_values needs image_sizes (the original (height, width) of each image).")
-        features = torch.cat(self.get_image_features(pixel_values, image_sizes, batch_num_images))  # [N, C]
+        images = self.encode_images(pixel_values, image_sizes, batch_num_images, output_hidden_states,
+                                    output_attentions)
+        features = self.hook_image_features(torch.cat(images.pooler_output))  # [N, C]
         is_image = input_ids == self.config.image_token_index  # [B, T]
         n_tokens = int(is_image.sum())
         if n_tokens != features.shape[0]:
@@ -111,7 +174,7 @@ class R4BForConditionalGeneration(nn.Module):
                 f"{features.shape[0]} features; expand each <image> to num_image_tokens(...) tokens "
                 "(the processor does this)."
             )
-        return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        return self.hook_inputs_embeds(embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))), images
 
     # ------------------------------------------------------------------------------------------
 
@@ -126,13 +189,22 @@ class R4BForConditionalGeneration(nn.Module):
         labels: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-    ) -> CausalLMOutput:
-        """Logits [B, T, V] (and the shifted next-token loss when ``labels`` is given, -100 ignored)."""
-        embeds = self.embed(input_ids, pixel_values, image_sizes, batch_num_images)
-        return self.language_model(
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> R4BCausalLMOutput:
+        """Logits [B, T, V] (and the shifted next-token loss when ``labels`` is given, -100 ignored).
+
+        ``output_hidden_states`` / ``output_attentions``: transformers' fields, for the decoder and (in
+        ``image_outputs``) the vision tower; see the module docstring."""
+        embeds, images = self._embed(input_ids, pixel_values, image_sizes, batch_num_images, output_hidden_states,
+                                     output_attentions)
+        out = self.language_model(
             inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
-            labels=labels, logits_to_keep=logits_to_keep,
+            labels=labels, logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
+        return R4BCausalLMOutput(logits=out.logits, loss=out.loss, hidden_states=out.hidden_states,
+                                 attentions=out.attentions, image_outputs=images)
 
     @classmethod
     def from_pretrained(
@@ -143,7 +215,15 @@ class R4BForConditionalGeneration(nn.Module):
         revision: str | None = None,
         progress: bool = False,
     ) -> "R4BForConditionalGeneration":
-        """Load an R-4B checkpoint (local directory or hub id) strictly; see r4b_weights.loader."""
-        from r4b_weights import load_r4b_model  # weights I/O depends on this module, not the reverse
+        """Load an R-4B checkpoint (local directory or hub id) strictly; see r4b_weights.loader.
 
-        return load_r4b_model(path_or_repo, dtype=dtype, device=device, revision=revision, progress=progress)
+        dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
+        """
+        # not at the top: r4b_weights imports r4b_core.config, and r4b_core/__init__.py imports this module
+        from r4b_weights.loader import load_r4b_weights, open_checkpoint
+
+        directory, config_path, raw = open_checkpoint(path_or_repo, revision)
+        config = R4BConfig.from_hf_dict(raw, source=str(config_path))
+        with torch.device("meta"):
+            model = cls(config)
+        return load_r4b_weights(model, directory, config_path, raw, dtype, device, progress).eval()

@@ -17,7 +17,7 @@ Requires transformers (the ``parity`` extra).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -95,7 +95,8 @@ def _checkpoint_name(ref_name: str, available: dict[str, torch.Tensor]) -> str |
 
 
 def build_reference_model(
-    checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
     """transformers' LLaVA-OneVision with R-4B's projector, loaded from ``checkpoint_dir``'s safetensors.
 
@@ -107,9 +108,36 @@ def build_reference_model(
     directory = Path(checkpoint_dir)
     if trust_remote_code:
         model = transformers.AutoModel.from_pretrained(str(directory), trust_remote_code=True, dtype=dtype)
-        return model.eval()
+        return model.to(device).eval()
     config = R4BConfig.from_hf_dict(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
-    return reference_from_tensors(config, _read_checkpoint_tensors(directory), dtype, source=str(directory))
+    return reference_from_tensors(config, _read_checkpoint_tensors(directory), dtype, device, source=str(directory))
+
+
+def load_reference_pretrained(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The same reference as ``build_reference_model``, loaded by transformers' own ``from_pretrained`` (its
+    fast path: no random init, lazy safetensors reads), then R-4B's projector grafted on. ``r4b bench``
+    times this against r4b's loader."""
+    import transformers
+    from safetensors import safe_open
+
+    directory = Path(checkpoint_dir)
+    config = R4BConfig.from_hf_dict(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report lists pre_norm as unexpected: grafted below
+    try:
+        ref = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
+            str(directory), config=reference_config(config), dtype=dtype)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    projector = GraftedR4BProjector(config).to(dtype)
+    prefix = "model.multi_modal_projector."
+    state = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+    projector.load_state_dict(state, strict=True)
+    ref.model.multi_modal_projector = projector
+    return ref.eval()
 
 
 def reference_from_tensors(
@@ -134,12 +162,14 @@ def reference_from_tensors(
         if hf is None and name == "lm_head.weight" and tied:
             hf = _checkpoint_name("model.language_model.embed_tokens.weight", tensors)
         if hf is None:
-            raise KeyError(f"reference parameter {name!r} has no tensor in {source}")
+            raise ValueError(f"reference parameter {name!r} has no tensor in {source}; the reference needs every "
+                             "tensor of R-4B's layout (list them with: r4b inspect CHECKPOINT).")
         state[name] = tensors[hf].to(device=device, dtype=dtype)
         used.add(hf)
     unused = [n for n in tensors if n not in used and ".head." not in n]
     if unused:
-        raise KeyError(f"tensors in {source} the reference does not use: {unused[:8]}")
+        raise ValueError(f"tensors in {source} the reference does not use: {unused[:8]}; is this an R-4B "
+                         "checkpoint (see: r4b inspect CHECKPOINT)?")
     ref.load_state_dict(state, strict=True)
     if tied:
         ref.tie_weights()
@@ -225,14 +255,79 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
-def _layer_outputs(layers: nn.ModuleList) -> tuple[list[torch.Tensor], list]:
-    """Forward hooks that record each decoder layer's output hidden state."""
-    outputs: list[torch.Tensor] = []
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """``model.<path>`` (dotted), or None where a remote-code reference names its parts differently."""
+    for name in path.split("."):
+        model = getattr(model, name, None)
+        if model is None:
+            return None
+    return model
 
-    def hook(module, args, output):
-        outputs.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    return outputs, [layer.register_forward_hook(hook) for layer in layers]
+@dataclass
+class ForwardTrace:
+    """What one forward of a model with an image prompt recorded: every activation a stage compares.
+
+    The vision features are what the projector receives (the vision tower's output at
+    ``vision_feature_layer``, after the feature-select strategy); the packed features are read from the
+    input embeddings at the image-token positions, where the splice put them. None: not exposed.
+    """
+
+    vision_features: torch.Tensor | None = None  # [V, P, Dv * n_feature_layers]
+    projected_features: torch.Tensor | None = None  # [V, P, C]
+    input_embeddings: torch.Tensor | None = None  # [B, T, C], the first decoder layer's input
+    layer_outputs: list[torch.Tensor] = field(default_factory=list)  # each [B, T, C]
+    logits: torch.Tensor | None = None  # [B, T, V]
+
+    def packed_features(self, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor | None:
+        if self.input_embeddings is None:
+            return None
+        return self.input_embeddings[input_ids == image_token_id]  # [N_image_tokens, C]
+
+
+def traced_forward(model: nn.Module, projector: nn.Module | None, decoder_layers: nn.ModuleList | None,
+                   **inputs) -> ForwardTrace:
+    """One ``model(**inputs)`` (the vision tower runs once) with hooks recording a ``ForwardTrace``."""
+    trace = ForwardTrace()
+
+    def record_projector(module, args, output):
+        if trace.vision_features is None:  # one image prompt: the projector runs once
+            trace.vision_features, trace.projected_features = args[0].detach(), output.detach()
+
+    def record_input(module, args, kwargs):
+        trace.input_embeddings = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def record_output(module, args, output):
+        trace.layer_outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    hooks = []
+    if projector is not None:
+        hooks.append(projector.register_forward_hook(record_projector))
+    if decoder_layers is not None:
+        hooks.append(decoder_layers[0].register_forward_pre_hook(record_input, with_kwargs=True))
+        hooks += [layer.register_forward_hook(record_output) for layer in decoder_layers]
+    try:
+        trace.logits = model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return trace
+
+
+class _PromptEmbeddingsFirst(nn.Module):
+    """An r4b model whose first forward (the prefill) reads given input embeddings [B, T, C] instead
+    of embedding ids and images, so greedy decoding reuses the traced forward's vision work."""
+
+    def __init__(self, model: nn.Module, inputs_embeds: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.pending: torch.Tensor | None = inputs_embeds
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        if self.pending is None:
+            return self.model(input_ids, **kwargs)
+        embeds, self.pending = self.pending, None
+        return self.model.language_model(inputs_embeds=embeds, **kwargs)
 
 
 @torch.no_grad()
@@ -244,81 +339,83 @@ def run_parity(
     ours: nn.Module | None = None,
     greedy_tokens: int = 16,
     trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
 ) -> ParityReport:
     """Compare r4b with the transformers reference on one image prompt, stage by stage.
 
     Stages: pixel values (ours vs transformers' image processor), vision features, projected features,
     packed features, the spliced input embeddings, every decoder layer's output, logits, greedy tokens.
-    Both models get the same pixel values and ids, so each stage isolates its own computation as far as
-    the models allow. ``ours`` may be passed in (e.g. a deliberately perturbed model).
+    Both models get the same pixel values and ids. Each side runs its vision tower once: one traced
+    forward gives every stage up to the logits, and greedy decoding starts from that forward's input
+    embeddings. ``ours`` may be passed in (e.g. a deliberately perturbed model; it stays where it is,
+    otherwise both models are built on ``device``).
 
     With ``trust_remote_code`` the reference is the checkpoint's own modelling code; intermediate
     stages it does not expose under LLaVA-OneVision's module names are reported as skipped, while
-    logits and greedy tokens are always compared.
+    logits and greedy tokens are always compared (a reference without LLaVA-OneVision's decoder layers
+    decodes from ids and pixels, running its vision tower a second time).
     """
     from r4b_core.generate import generate
     from r4b_core.model import R4BForConditionalGeneration
     from r4b_core.processor import R4BProcessor
+    from r4b_core.synthetic import synthetic_picture
 
     directory = Path(checkpoint_dir)
     act_tol, logit_tol = TOLERANCES[dtype]
-    ours = ours if ours is not None else R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype)
-    ref = build_reference_model(directory, dtype=dtype, trust_remote_code=trust_remote_code)
+    if ours is None:
+        ours = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device)
+    device = next(ours.parameters()).device
+    ref = build_reference_model(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     processor = R4BProcessor.from_pretrained(directory)
-    image = image if image is not None else default_picture()
+    image = image if image is not None else synthetic_picture(640, 480, seed=0)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     inputs = processor(messages=messages, images=[image])
     ids, sizes = inputs["input_ids"], inputs["image_sizes"]
     pixels = inputs["pixel_values"]
-    stages = []
 
     theirs = reference_image_processor(directory)(images=[image], return_tensors="pt")["pixel_values"]
-    stages.append(Stage("pixel_values", _max_diff(pixels, theirs), 0.0))
+    stages = [Stage("pixel_values", _max_diff(pixels, theirs), 0.0)]
 
-    pixels = pixels.to(dtype)
-    try:
-        stages += _vision_stages(ours, ref, pixels, sizes, act_tol)
-    except (AttributeError, TypeError) as e:
-        if not trust_remote_code:
-            raise
-        stages += [Stage(n, float("nan"), act_tol, skipped=f"remote code: {e}")
-                   for n in ("vision_features", "projected_features", "packed_features")]
+    ids, pixels = ids.to(device), pixels.to(device, dtype)
+    ours_trace = traced_forward(ours, ours.multi_modal_projector, ours.language_model.model.layers,
+                                input_ids=ids, pixel_values=pixels, image_sizes=sizes)
+    ref_trace = traced_forward(ref, _submodule(ref, "model.multi_modal_projector"),
+                               _submodule(ref, "model.language_model.layers"),
+                               input_ids=ids, pixel_values=pixels, image_sizes=sizes)
+    image_token = ours.config.image_token_index
 
-    ours_decoder = ours.language_model.model.layers
-    ref_decoder = getattr(getattr(getattr(ref, "model", None), "language_model", None), "layers", None)
-    embeds: list[torch.Tensor] = []
+    def compare(name: str, a: torch.Tensor | None, b: torch.Tensor | None, tol: float, missing: str) -> Stage:
+        if b is None:
+            if not trust_remote_code:
+                import transformers
 
-    def record_input(module, args, kwargs):
-        embeds.append((args[0] if args else kwargs["hidden_states"]).detach())
+                raise ValueError(f"the transformers reference has no {missing}: transformers "
+                                 f"{transformers.__version__} names its modules differently from what parity.py "
+                                 "expects.")
+            return Stage(name, float("nan"), tol, skipped=f"remote code: no {missing}")
+        return Stage(name, _max_diff(a, b), tol)
 
-    ours_layers, hooks = _layer_outputs(ours_decoder)
-    hooks.append(ours_decoder[0].register_forward_pre_hook(record_input, with_kwargs=True))
-    ref_layers: list[torch.Tensor] = []
-    if ref_decoder is not None:
-        ref_layers, ref_hooks = _layer_outputs(ref_decoder)
-        hooks += ref_hooks + [ref_decoder[0].register_forward_pre_hook(record_input, with_kwargs=True)]
-    try:
-        ours_logits = ours(ids, pixel_values=pixels, image_sizes=sizes).logits
-        ref_logits = ref(input_ids=ids, pixel_values=pixels, image_sizes=sizes).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    if ref_decoder is None:
-        why = "remote code: no model.language_model.layers"
-        stages.append(Stage("input_embeddings", float("nan"), act_tol, skipped=why))
-        stages += [Stage(f"decoder_layer_{i}", float("nan"), act_tol, skipped=why) for i in range(len(ours_layers))]
-    else:
-        stages.append(Stage("input_embeddings", _max_diff(embeds[0], embeds[1]), act_tol))
-        for i, (a, b) in enumerate(zip(ours_layers, ref_layers)):
-            stages.append(Stage(f"decoder_layer_{i}", _max_diff(a, b), act_tol * (1 + i)))
-    stages.append(Stage("logits", _max_diff(ours_logits, ref_logits), logit_tol))
+    no_projector, no_layers = "model.multi_modal_projector", "model.language_model.layers"
+    stages += [
+        compare("vision_features", ours_trace.vision_features, ref_trace.vision_features, act_tol, no_projector),
+        compare("projected_features", ours_trace.projected_features, ref_trace.projected_features, act_tol,
+                no_projector),
+        compare("packed_features", ours_trace.packed_features(ids, image_token),
+                ref_trace.packed_features(ids, image_token), act_tol, no_layers),
+        compare("input_embeddings", ours_trace.input_embeddings, ref_trace.input_embeddings, act_tol, no_layers),
+    ]
+    for i, a in enumerate(ours_trace.layer_outputs):
+        b = ref_trace.layer_outputs[i] if i < len(ref_trace.layer_outputs) else None
+        stages.append(compare(f"decoder_layer_{i}", a, b, act_tol * (1 + i), no_layers))
+    stages.append(Stage("logits", _max_diff(ours_trace.logits, ref_trace.logits), logit_tol))
 
     eos = processor.eos_token_ids
-    ours_tokens = generate(ours, ids, max_new_tokens=greedy_tokens, eos_token_ids=eos,
-                           pixel_values=pixels, image_sizes=sizes).tokens[0]
-    ref_out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_sizes=sizes,
-                           do_sample=False, max_new_tokens=greedy_tokens, eos_token_id=eos or None,
-                           pad_token_id=processor.pad_token_id)
+    ours_tokens = generate(_PromptEmbeddingsFirst(ours, ours_trace.input_embeddings), ids,
+                           max_new_tokens=greedy_tokens, eos_token_ids=eos).tokens[0]
+    prompt_inputs = ({"inputs_embeds": ref_trace.input_embeddings} if ref_trace.input_embeddings is not None
+                     else {"pixel_values": pixels, "image_sizes": sizes})
+    ref_out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **prompt_inputs, do_sample=False,
+                           max_new_tokens=greedy_tokens, eos_token_id=eos or None, pad_token_id=processor.pad_token_id)
     ref_tokens = ref_out[0, ids.shape[1]:].tolist()
     mismatches = sum(a != b for a, b in zip(ours_tokens, ref_tokens)) + abs(len(ours_tokens) - len(ref_tokens))
     # In 16-bit, rounding differences of either side's kernels flip near-tied argmaxes and the two
@@ -327,33 +424,3 @@ def run_parity(
     stages.append(Stage("greedy_tokens", float(mismatches), 0.0, skipped=skipped))
     return ParityReport(str(directory), str(dtype).removeprefix("torch."), stages)
 
-
-def _vision_stages(ours: nn.Module, ref: nn.Module, pixels: torch.Tensor, sizes: torch.Tensor,
-                   tol: float) -> list[Stage]:
-    """Vision features, projected features and packed features, each from identical inputs."""
-    cfg = ours.config
-    views = pixels[0, : ours.views_per_image(sizes)[0]]
-    ours_feats = ours.vision_tower(views, cfg.vision_feature_layer)
-    ref_tower = ref.model.vision_tower(views, output_hidden_states=True)
-    layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
-    ref_feats = torch.cat([ref_tower.hidden_states[i] for i in layers], dim=-1)
-    ours_packed = ours.get_image_features(pixels, sizes)[0]
-    ref_packed = ref.model.get_image_features(pixels, sizes).pooler_output[0]
-    return [
-        Stage("vision_features", _max_diff(ours_feats, ref_feats), tol),
-        Stage("projected_features", _max_diff(ours.multi_modal_projector(ours_feats),
-                                             ref.model.multi_modal_projector(ref_feats)), tol),
-        Stage("packed_features", _max_diff(ours_packed, ref_packed), tol),
-    ]
-
-
-def default_picture():
-    """A deterministic 640x480 test picture: noise with a few solid shapes."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(img)
-    draw.ellipse([80, 60, 300, 260], fill=(220, 30, 30))
-    draw.rectangle([340, 200, 600, 440], fill=(30, 160, 60))
-    return img

@@ -1,10 +1,13 @@
-"""Prompts and images -> model inputs, and generated ids -> (thinking, answer).
+"""Prompts and images -> model inputs (ids -> text too): the R4BProcessor.
 
     messages ──chat template (jinja2 sandbox, thinking_mode)──► prompt text with literal <image>
     text ──────────────────────────────────────────────────────► prompt text with literal <image>
-    images ──preprocess_images──► pixel_values, image_sizes (h, w after RGB loading), batch_num_images
-    each <image> ──► num_image_tokens(image_size, config, multi_image) copies of the image token
-    prompt ──tokenizer.json (tokenizers)──► ids ──left padding──► input_ids, attention_mask [B, T]
+    ── encode_with_images (shared with training_data.build_training_example) ──────────────────────
+    | placeholders vs images checked; images ──preprocess_images──► pixel_values, image_sizes
+    | (h, w after RGB loading), batch_num_images; each <image> ──► num_image_tokens(image_size,
+    | config, multi_image) copies of the image token; tokenizer.json (tokenizers) with the bos rule
+    | ──► ids (image-token count checked)
+    ids ──left padding──► input_ids, attention_mask [B, T]
 
 Everything is read from the checkpoint (DESIGN.md decision 10):
 - ``tokenizer.json`` through the ``tokenizers`` library; added tokens from its ``added_tokens`` plus any in
@@ -13,16 +16,20 @@ Everything is read from the checkpoint (DESIGN.md decision 10):
 - the image token id from ``config.json``, checked against the tokenizer's id for ``<image>``;
 - image settings from ``preprocessor_config.json``, checked against ``config.json`` (tile size and
   pinpoints decide how many tokens an image costs, so a disagreement would break the splice);
-- stop ids from ``generation_config.json`` (``eos_token_id``), else the tokenizer's eos token;
+- stop ids from ``generation_config.json`` (``eos_token_id``), else the tokenizer's eos token; the file is
+  read once, kept as ``processor.generation_config`` (generation_config.py) for generate / chat / the CLI;
 - the chat template from ``chat_template.jinja``, else ``chat_template.json``, else
   ``tokenizer_config.json``; ``BUILTIN_CHAT_TEMPLATE`` when the checkpoint has none.
 
-The chat-template machinery (jinja environment, lookup, the built-in template) is in chat_template.py.
+The chat-template machinery (jinja environment, lookup, the built-in template) is in chat_template.py;
+supervised examples and their batches in training_data.py; the thinking split of outputs in chat.py.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,44 +40,27 @@ from r4b_core.chat_template import (  # noqa: F401  (BUILTIN_CHAT_TEMPLATE, Chat
     BUILTIN_CHAT_TEMPLATE,
     ChatTemplateError,
     find_chat_template,
-    read_json_object,
     render_chat_template,
 )
 from r4b_core.config import R4BConfig
+from r4b_core.generation_config import GenerationConfig
 from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
+from r4b_core.json_io import read_json_if_present
 
 THINKING_MODES = ("auto", "long", "short")
 IMAGE_TOKEN = "<image>"
-THINK_START, THINK_END = "<think>", "</think>"
+THINK_START, THINK_END = "<think>", "</think>"  # plain added tokens in Qwen3 (decoding keeps them)
 
 # transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES), passed to templates by these names
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 # ---------------------------------------------------------------------------------------------
-# output parsing
-
-
-def split_thinking(text: str) -> tuple[str | None, str]:
-    """(thinking, answer) of a generated text.
-
-    ``<think>T</think>A`` -> (T, A) stripped; ``T</think>A`` (the prompt already ended in ``<think>\\n``,
-    long mode) -> (T, A) stripped; ``<think>T`` (thinking not finished) -> (T stripped, "");
-    no tags -> (None, text) unchanged. Only the first ``</think>`` after the opening tag closes it.
-    """
-    start, end = text.find(THINK_START), text.find(THINK_END)
-    if start != -1 and (end == -1 or start < end):
-        rest = text[start + len(THINK_START):]
-        close = rest.find(THINK_END)
-        if close == -1:
-            return rest.strip(), ""
-        return rest[:close].strip(), rest[close + len(THINK_END):].strip()
-    if end != -1:
-        return text[:end].strip(), text[end + len(THINK_END):].strip()
-    return None, text
+# thinking modes
 
 
 def check_thinking_mode(thinking_mode: str) -> None:
+    """A ValueError naming the allowed modes unless ``thinking_mode`` is one of them."""
     if thinking_mode not in THINKING_MODES:
         raise ValueError(f"thinking_mode must be one of {', '.join(map(repr, THINKING_MODES))}; got {thinking_mode!r}.")
 
@@ -120,12 +110,22 @@ def load_tokenizer(directory: Path, tokenizer_config: dict):
 # the processor
 
 
+@dataclass
+class EncodedPrompt:
+    """One prompt tokenized with its ``<image>`` placeholders expanded (``R4BProcessor.encode_with_images``)."""
+
+    ids: list[int]
+    token_starts: list[int]  # per token: the character offset in the expanded text where it starts
+    marks: list[int]  # the requested character positions of the prompt, moved into the expanded text
+
+
 class R4BProcessor:
     """Tokenizer + chat template + image preprocessing for R-4B; see the module docstring."""
 
     def __init__(self, tokenizer, config: R4BConfig, image_config: ImageProcessorConfig,
                  chat_template: str | None = None, special_tokens: Mapping[str, str] | None = None,
-                 eos_token_ids: Sequence[int] | None = None, image_token: str = IMAGE_TOKEN) -> None:
+                 eos_token_ids: Sequence[int] | None = None, image_token: str = IMAGE_TOKEN,
+                 generation_config: GenerationConfig | None = None) -> None:
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
         self.config = config
         self.image_config = image_config
@@ -133,9 +133,10 @@ class R4BProcessor:
         self.special_tokens = dict(special_tokens or {})  # template variables: eos_token, pad_token, ...
         self.image_token = image_token
         self.image_token_id = config.image_token_index
+        self.generation_config = generation_config or GenerationConfig()  # generation_config.json, read once
         eos_id, pad_id = self.special_token_id("eos_token"), self.special_token_id("pad_token")
-        if eos_token_ids is None:
-            eos_token_ids = [] if eos_id is None else [eos_id]
+        if eos_token_ids is None:  # the argument, else generation_config.json's, else the tokenizer's eos token
+            eos_token_ids = self.generation_config.eos_token_id or ([] if eos_id is None else [eos_id])
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         # no pad token: the first stop id (padding only ever sits under attention_mask == 0)
         self.pad_token_id = pad_id if pad_id is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
@@ -165,11 +166,11 @@ class R4BProcessor:
         config = R4BConfig.from_pretrained(directory)
         image_config = ImageProcessorConfig.from_pretrained(directory)
         _check_image_config(directory, config, image_config)
-        tokenizer_config = read_json_object(directory / "tokenizer_config.json") or {}
+        tokenizer_config = read_json_if_present(directory / "tokenizer_config.json") or {}
         tokenizer = load_tokenizer(directory, tokenizer_config)
 
         special_tokens = _special_tokens(directory, tokenizer_config)
-        processor_config = read_json_object(directory / "processor_config.json") or {}
+        processor_config = read_json_if_present(directory / "processor_config.json") or {}
         image_token = processor_config.get("image_token") or IMAGE_TOKEN
         token_id = tokenizer.token_to_id(image_token)
         if token_id is None or tokenizer.encode(image_token, add_special_tokens=False).ids != [token_id]:
@@ -184,17 +185,10 @@ class R4BProcessor:
                 f"{token_id}; the model would not find the image tokens the processor writes."
             )
 
-        generation = read_json_object(directory / "generation_config.json") or {}
-        eos = generation.get("eos_token_id")
-        eos_ids = None if eos is None else ([eos] if isinstance(eos, int) else eos)
-        if eos_ids is not None and not (isinstance(eos_ids, list) and all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_ids)):
-            raise ValueError(
-                f"{directory / 'generation_config.json'}: eos_token_id = {eos!r} should be an id or a list of ids."
-            )
+        generation_config = GenerationConfig.from_pretrained(directory)
         template, _ = find_chat_template(directory, tokenizer_config)
         return cls(tokenizer, config, image_config, chat_template=template, special_tokens=special_tokens,
-                   eos_token_ids=eos_ids, image_token=image_token)
+                   image_token=image_token, generation_config=generation_config)
 
     # ------------------------------------------------------------------------------------------
     # text
@@ -204,7 +198,7 @@ class R4BProcessor:
         """The prompt text of one conversation (a list of conversations gives a list of prompts).
         ``template_kwargs`` are passed to the template next to ``thinking_mode``."""
         check_thinking_mode(thinking_mode)
-        conversations, batched = _as_conversations(messages)
+        conversations, batched = as_conversations(messages)
         prompts = [
             render_chat_template(self.template_source, conv, add_generation_prompt, self.special_tokens,
                                  thinking_mode=thinking_mode, **template_kwargs)
@@ -216,9 +210,13 @@ class R4BProcessor:
         """Token ids of ``text``. By default the tokenizer's post-processor adds its special tokens unless the
         text already starts with the bos token (transformers' processor rule; Qwen3 adds none)."""
         if add_special_tokens is None:
-            bos = self.special_tokens.get("bos_token")
-            add_special_tokens = not (bos and text.startswith(bos))
+            add_special_tokens = self._adds_special_tokens(text)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _adds_special_tokens(self, text: str) -> bool:
+        """The bos rule: the post-processor's special tokens unless ``text`` already starts with bos."""
+        bos = self.special_tokens.get("bos_token")
+        return not (bos and text.startswith(bos))
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (list or 1-D tensor). ``<think>``/``</think>`` are not special and stay."""
@@ -247,10 +245,9 @@ class R4BProcessor:
             raise ValueError("pass either text= (rendered prompts) or messages= (conversations), not both.")
         if text is None and messages is None:
             raise ValueError("nothing to process: pass text= or messages=.")
-        in_messages = None
         if messages is not None:
-            conversations, _ = _as_conversations(messages)
-            in_messages = [_images_in_conversation(c) for c in conversations]
+            conversations, _ = as_conversations(messages)
+            samples = conversation_images(conversations, images)
             prompts = [self.apply_chat_template(c, thinking_mode, add_generation_prompt) for c in conversations]
         else:
             prompts = [text] if isinstance(text, str) else list(text)
@@ -262,25 +259,9 @@ class R4BProcessor:
                 if not p:
                     raise ValueError(f"text[{i}] is an empty string." if len(prompts) > 1
                                      else "text is an empty string.")
-        samples = _images_per_sample(images, in_messages, len(prompts))
-
-        for i, (prompt, imgs) in enumerate(zip(prompts, samples)):
-            n = prompt.count(self.image_token)
-            if n != len(imgs):
-                where = f"sample {i}: " if len(prompts) > 1 else ""
-                raise ValueError(
-                    f"{where}the prompt has {n} {self.image_token} placeholder(s) but {len(imgs)} image(s) were given; "
-                    "they must match one to one."
-                )
-        out: dict[str, torch.Tensor] = {}
-        counts: list[list[int]] = [[] for _ in samples]
-        if any(samples):
-            out = preprocess_images([s for s in samples if s], self.image_config)
-            sizes = iter(out["image_sizes"].tolist())
-            for i, imgs in enumerate(samples):
-                counts[i] = [anyres.num_image_tokens(tuple(next(sizes)), self.config, multi_image=len(imgs) > 1)
-                             for _ in imgs]
-        rows = [self._encode_expanded(p, c) for p, c in zip(prompts, counts)]
+            samples = _images_per_sample(images, None, len(prompts))
+        encoded, out = self.encode_with_images(prompts, samples)
+        rows = [e.ids for e in encoded]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
@@ -289,130 +270,56 @@ class R4BProcessor:
             attention_mask[i, width - len(row):] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
-    def _encode_expanded(self, prompt: str, counts: list[int]) -> list[int]:
-        """Token ids of ``prompt`` with its k-th placeholder repeated ``counts[k]`` times."""
-        pieces = prompt.split(self.image_token)
-        expanded = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(counts, pieces[1:]))
-        ids = self.encode(expanded)
-        found = sum(1 for t in ids if t == self.image_token_id)
-        if found != sum(counts):
-            raise ValueError(
-                f"the tokenized prompt holds {found} image tokens (id {self.image_token_id}) where {sum(counts)} "
-                f"were written; the tokenizer does not keep {self.image_token!r} as one token."
-            )
-        return ids
+    def encode_with_images(self, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+                           marks: Sequence[Sequence[int]] | None = None) -> tuple[list[EncodedPrompt], dict]:
+        """Tokenize prompts whose ``<image>`` placeholders stand for ``images`` (one list per prompt).
 
-    # ------------------------------------------------------------------------------------------
-    # training examples (supervised fine-tuning)
-
-    def build_training_example(self, messages: Sequence[Any], images: Any = None, thinking_mode: str = "auto",
-                               max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """One supervised example from a conversation that holds at least one assistant turn.
-
-        Returns ``input_ids`` and ``labels`` (int64 [T]) and, with images, ``pixel_values``
-        [N_images, views, 3, S, S] and ``image_sizes`` [N_images, 2]; ``collate_training_examples``
-        (or ``self.collate``) batches them.
-
-        The text is the chat template's rendering of the whole conversation (no generation prompt).
-        ``labels`` are -100 except on what the model should write in each assistant turn: the text
-        after the turn's generation prompt (as ``thinking_mode`` renders it: nothing extra for ``auto``,
-        so a ``<think>...</think>`` block in the content is learned; ``long`` / ``short`` put the
-        ``<think>`` opening / the empty thought in the prompt, so the content must start with it)
-        up to and including the turn's end token (``<|im_end|>`` in ChatML, so the model learns to stop;
-        the newline after it is not learned: it is never generated). Thinking text is labelled exactly
-        as the template renders it. Image tokens are never labels. Tokenization is that of the whole
-        text (as at inference); a token is a label when it starts inside a target span.
-
-        Errors: no assistant turn; a number of images that differs from the number of ``<image>``
-        placeholders; a template whose rendering of the first turns is not a prefix of the whole
-        rendering (turn boundaries could not be found); ``max_length`` exceeded (never truncated).
+        What ``__call__`` and ``training_data.build_training_example`` share: the number of placeholders
+        must equal the number of images; the images are preprocessed together (``pixel_values``,
+        ``image_sizes``, ``batch_num_images``: the second value, empty without images); the k-th
+        placeholder becomes ``num_image_tokens`` copies of the image token (k-th image's size, multi-image
+        when its prompt has several); the text is tokenized with the bos rule of ``encode``; the ids must
+        hold exactly the image tokens written. ``marks``: character positions of each prompt to carry
+        into the expanded text (``EncodedPrompt.marks``), e.g. where the assistant turns start and end.
         """
-        check_thinking_mode(thinking_mode)
-        conversations, batched = _as_conversations(messages)
-        if batched:
-            raise ValueError("build_training_example takes one conversation; call it once per conversation.")
-        conversation = conversations[0]
-        roles = [m.get("role") if isinstance(m, Mapping) else None for m in conversation]
-        turns = [i for i, role in enumerate(roles) if role == "assistant"]
-        if not turns:
-            raise ValueError(
-                f"the conversation has no assistant turn (roles: {roles}); a training example needs at least "
-                "one assistant message to learn from."
-            )
-        imgs = _images_per_sample(images, [_images_in_conversation(conversation)], 1)[0]
-
-        def render(msgs: list[Any], generation_prompt: bool) -> str:
-            return render_chat_template(self.template_source, msgs, generation_prompt, self.special_tokens,
-                                        thinking_mode=thinking_mode)
-
-        full = render(conversation, False)
-        spans = []  # character spans [start, end) of the targets in ``full``
-        for i in turns:
-            head, turn = render(conversation[:i], True), render(conversation[: i + 1], False)
-            if not full.startswith(turn):
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompt(s); give one list per prompt.")
+        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+            n = prompt.count(self.image_token)
+            if n != len(imgs):
+                where = f"sample {i}: " if len(prompts) > 1 else ""
+                which = "more images than" if len(imgs) > n else "fewer images than"
                 raise ValueError(
-                    f"the chat template renders messages 0..{i} differently inside the whole conversation (it "
-                    "rewrites earlier turns, e.g. drops their thinking), so the assistant turn cannot be located; "
-                    "make one training example per assistant turn."
+                    f"{where}the prompt has {n} {self.image_token} placeholder(s) but {len(imgs)} image(s) were "
+                    f"given ({which} placeholders); they must match one to one."
                 )
-            if not turn.startswith(head):
+        tensors: dict[str, torch.Tensor] = {}
+        counts: list[list[int]] = [[] for _ in prompts]
+        if any(images):
+            tensors = preprocess_images([list(s) for s in images if s], self.image_config)
+            sizes = iter(tensors["image_sizes"].tolist())
+            for i, imgs in enumerate(images):
+                counts[i] = [anyres.num_image_tokens(tuple(next(sizes)), self.config, multi_image=len(imgs) > 1)
+                             for _ in imgs]
+        encoded = []
+        for i, (prompt, n_tokens) in enumerate(zip(prompts, counts)):
+            pieces = prompt.split(self.image_token)
+            expanded = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(n_tokens, pieces[1:]))
+            # a position moves right by the extra copies of every placeholder that starts before it
+            starts = [m.start() for m in re.finditer(re.escape(self.image_token), prompt)]
+            grow = [(n - 1) * len(self.image_token) for n in n_tokens]
+            moved = [pos + sum(g for s, g in zip(starts, grow) if s < pos) for pos in (marks[i] if marks else ())]
+            encoding = self.tokenizer.encode(expanded, add_special_tokens=self._adds_special_tokens(expanded))
+            found = sum(1 for t in encoding.ids if t == self.image_token_id)
+            if found != sum(n_tokens):
+                where = f"sample {i}: " if len(prompts) > 1 else ""
                 raise ValueError(
-                    f"assistant message {i} does not start with the generation prompt of thinking_mode="
-                    f"{thinking_mode!r} ({head[len(render(conversation[:i], False)):]!r}); write the content as "
-                    "the model would continue that prompt, or use thinking_mode='auto'."
+                    f"{where}the tokenized prompt holds {found} image tokens (id {self.image_token_id}) where "
+                    f"{sum(n_tokens)} were written; the tokenizer does not keep {self.image_token!r} as one token."
                 )
-            spans.append((len(head), len(turn.rstrip())))
-
-        n_placeholders = full.count(self.image_token)
-        if n_placeholders != len(imgs):
-            which = "more images than" if len(imgs) > n_placeholders else "fewer images than"
-            raise ValueError(
-                f"{which} placeholders: the conversation has {n_placeholders} {self.image_token} placeholder(s) "
-                f"but {len(imgs)} image(s) were given; they must match one to one."
-            )
-        out: dict[str, torch.Tensor] = {}
-        counts: list[int] = []
-        if imgs:
-            pre = preprocess_images([imgs], self.image_config)
-            out = {"pixel_values": pre["pixel_values"], "image_sizes": pre["image_sizes"]}
-            counts = [anyres.num_image_tokens(tuple(s), self.config, multi_image=len(imgs) > 1)
-                      for s in pre["image_sizes"].tolist()]
-
-        # expand each <image> to its token count, piece by piece, carrying the span boundaries along
-        cuts = sorted({0, len(full), *(c for span in spans for c in span)})
-        remaining = iter(counts)
-        expanded, moved = "", {}
-        for a, b in zip(cuts, cuts[1:]):
-            moved[a] = len(expanded)
-            pieces = full[a:b].split(self.image_token)
-            expanded += pieces[0] + "".join(self.image_token * next(remaining) + p for p in pieces[1:])
-        moved[len(full)] = len(expanded)
-        targets = [(moved[s], moved[e]) for s, e in spans]
-
-        bos = self.special_tokens.get("bos_token")
-        encoding = self.tokenizer.encode(expanded, add_special_tokens=not (bos and expanded.startswith(bos)))
-        ids = torch.tensor(encoding.ids, dtype=torch.int64)
-        if int((ids == self.image_token_id).sum()) != sum(counts):
-            raise ValueError(
-                f"the tokenized text holds {int((ids == self.image_token_id).sum())} image tokens where "
-                f"{sum(counts)} were written; the tokenizer does not keep {self.image_token!r} as one token."
-            )
-        starts = torch.tensor([start for start, _ in encoding.offsets], dtype=torch.int64)
-        is_target = torch.zeros_like(ids, dtype=torch.bool)
-        for s, e in targets:
-            is_target |= (starts >= s) & (starts < e)
-        is_target &= ids != self.image_token_id
-        if not bool(is_target.any()):
-            raise ValueError("the assistant turns give no target tokens (empty content and no end token).")
-        if max_length is not None and len(ids) > max_length:
-            raise ValueError(f"the example has {len(ids)} tokens, more than max_length={max_length}; "
-                             "it is not truncated (that could cut image tokens); shorten it or raise the limit.")
-        return {"input_ids": ids, "labels": ids.masked_fill(~is_target, IGNORE_INDEX), **out}
-
-    def collate(self, examples: Sequence[Mapping[str, torch.Tensor]],
-                pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-        """``collate_training_examples`` with this tokenizer's pad id."""
-        return collate_training_examples(examples, self.pad_token_id, pad_to_multiple_of)
+            encoded.append(EncodedPrompt(ids=list(encoding.ids), token_starts=[a for a, _ in encoding.offsets],
+                                         marks=moved))
+        return encoded, tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +350,7 @@ def _special_tokens(directory: Path, tokenizer_config: dict) -> dict[str, str]:
     checkpoints), and then it wins."""
     merged = dict(tokenizer_config)
     if "added_tokens_decoder" not in tokenizer_config:
-        merged.update(read_json_object(directory / "special_tokens_map.json") or {})
+        merged.update(read_json_if_present(directory / "special_tokens_map.json") or {})
     out = {}
     for key, value in merged.items():
         text = _token_text(value)
@@ -455,7 +362,7 @@ def _special_tokens(directory: Path, tokenizer_config: dict) -> dict[str, str]:
     return out
 
 
-def _as_conversations(messages: Any) -> tuple[list[list[Any]], bool]:
+def as_conversations(messages: Any) -> tuple[list[list[Any]], bool]:
     """(conversations, batched) from one conversation or a list of them; empty ones are errors."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages should be a non-empty list of {'role', 'content'} dicts, or a list of such lists.")
@@ -494,6 +401,13 @@ def _images_in_conversation(conversation: list[Any]) -> list[Any]:
     return found
 
 
+def conversation_images(conversations: list[list[Any]], images: Any) -> list[list[Any]]:
+    """One list of images per conversation: the payloads of its ``{"type": "image", "image" | "url" | "path"}``
+    items, or (when the items only mark places) ``images=``: one list per conversation, or a flat list (or
+    one image) for a single conversation. Giving images both ways is an error."""
+    return _images_per_sample(images, [_images_in_conversation(c) for c in conversations], len(conversations))
+
+
 def _images_per_sample(images: Any, in_messages: list[list[Any]] | None, batch: int) -> list[list[Any]]:
     """One list of images per sample, from the messages or from ``images=`` (never both)."""
     if in_messages is not None and any(x is not _NO_PAYLOAD for s in in_messages for x in s):
@@ -518,49 +432,3 @@ def _images_per_sample(images: Any, in_messages: list[list[Any]] | None, batch: 
     if batch != 1:
         raise ValueError(f"with {batch} prompts, give images as one list per prompt (e.g. [[img], []]).")
     return [list(images)]
-
-
-# ---------------------------------------------------------------------------------------------
-# batching training examples
-
-IGNORE_INDEX = -100
-
-
-def collate_training_examples(examples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int,
-                              pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """A training batch from ``build_training_example`` outputs; ``model(**batch)`` works.
-
-    ``input_ids`` [B, T] RIGHT-padded with ``pad_token_id`` (training: every real token keeps positions
-    0..n-1), ``attention_mask`` [B, T] (1 = real), ``labels`` [B, T] padded with -100; with images,
-    ``pixel_values`` [N, max_views, 3, S, S] (all images of the batch in order, views zero-padded),
-    ``image_sizes`` [N, 2] and ``batch_num_images`` [B] (images per example, 0 for a text-only one;
-    the model tiles an image only when its example has exactly one).
-    """
-    if not examples:
-        raise ValueError("collate_training_examples: no examples.")
-    for i, ex in enumerate(examples):
-        if ex["input_ids"].ndim != 1 or ex["labels"].shape != ex["input_ids"].shape:
-            raise ValueError(f"example {i}: input_ids and labels should be 1-D tensors of one length.")
-        if ("pixel_values" in ex) != ("image_sizes" in ex):
-            raise ValueError(f"example {i}: pixel_values and image_sizes come together.")
-    width = max(len(ex["input_ids"]) for ex in examples)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    batch = len(examples)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.int64)
-    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.int64)
-    attention_mask = torch.zeros((batch, width), dtype=torch.int64)
-    for i, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = ex["input_ids"], ex["labels"], 1
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    with_images = [ex for ex in examples if "pixel_values" in ex]
-    if with_images:
-        views = max(ex["pixel_values"].shape[1] for ex in with_images)
-        out["pixel_values"] = torch.cat([
-            torch.nn.functional.pad(ex["pixel_values"], (0, 0, 0, 0, 0, 0, 0, views - ex["pixel_values"].shape[1]))
-            for ex in with_images
-        ])
-        out["image_sizes"] = torch.cat([ex["image_sizes"] for ex in with_images])
-        out["batch_num_images"] = torch.tensor([len(ex.get("image_sizes", ())) for ex in examples], dtype=torch.int64)
-    return out

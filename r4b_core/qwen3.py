@@ -10,6 +10,18 @@ D head_dim, V vocab_size.
 Module and parameter names are transformers' own (``model.layers.N.self_attn.q_proj``, ...), so an HF
 ``Qwen3ForCausalLM`` state dict loads by name. The model keeps no inference state: a ``KVCache`` is
 passed into ``forward`` and the model writes into it.
+
+Hook points (r4b_core/hooks.py; identity modules, no parameters), relative to ``Qwen3ForCausalLM``:
+``model.hook_embed`` [B, T, C]; per layer ``model.layers.N.`` + ``hook_resid_pre``, ``hook_attn_out``,
+``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post`` [B, T, C] and ``self_attn.`` + ``hook_q``
+[B, Hq, T, D], ``hook_k`` / ``hook_v`` [B, Hkv, T, D] (new tokens; q and k after QK-norm and RoPE, before
+the cache write), ``hook_pattern`` [B, Hq, T, S], ``hook_z`` [B, T, Hq, D] (before o_proj);
+``model.hook_norm_out`` [B, T, C]; ``hook_logits`` [B, T', V].
+
+``output_hidden_states`` / ``output_attentions`` follow transformers 5: hidden_states = (the decoder's
+input embeddings, the output of each layer) with the final norm applied to the last entry;
+attentions = per layer probabilities [B, Hq, T, S], S = every key attended to (with a KV cache: the
+cache slots [0, max(seq_lens)), which for an unpadded batch is transformers' past + new length).
 """
 
 from __future__ import annotations
@@ -21,8 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r4b_core.attention import attention, decode_attention
+from r4b_core.attention import AttentionRecorder, attend, attention, attention_probs, decode_attention
 from r4b_core.config import TextConfig
+from r4b_core.hooks import HookPoint
 from r4b_core.kv_cache import KVCache
 
 
@@ -94,6 +107,7 @@ class AttentionLayout:
     valid:     bool [B, T] which new tokens are real (None = all); padding is never cached
     kv_len:    S, the number of cache slots attended to
     seq_lens:  int32/int64 [B] valid slots per sequence after this step's write (cache only)
+    attentions: collects each layer's probabilities (output_attentions=True), else None
     """
 
     mask: torch.Tensor | None
@@ -101,6 +115,7 @@ class AttentionLayout:
     valid: torch.Tensor | None = None
     kv_len: int = 0
     seq_lens: torch.Tensor | None = None
+    attentions: AttentionRecorder | None = None
 
 
 class Qwen3Attention(nn.Module):
@@ -117,6 +132,11 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, over D
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.hook_q = HookPoint()  # [B, Hq, T, D] after QK-norm and RoPE
+        self.hook_k = HookPoint()  # [B, Hkv, T, D] after QK-norm and RoPE (new tokens, before the cache write)
+        self.hook_v = HookPoint()  # [B, Hkv, T, D]
+        self.hook_pattern = HookPoint()  # [B, Hq, T, S] probabilities; attaching here selects the explicit path
+        self.hook_z = HookPoint()  # [B, T, Hq, D] per-head outputs before o_proj
 
     def forward(
         self,
@@ -130,17 +150,34 @@ class Qwen3Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.hook_q(apply_rope(q, cos, sin)), self.hook_k(apply_rope(k, cos, sin)), self.hook_v(v)
+        # explicit softmax only when someone asked for this layer's probabilities
+        explicit = layout.attentions is not None or self.hook_pattern.has_hooks
+        mask = layout.mask
         if kv_cache is not None:
             kv_cache.write(self.layer_idx, k, v, layout.slots, layout.valid)
-            k, v = kv_cache.read(self.layer_idx, layout.kv_len)  # [B, Hkv, S, D]
-            if T == 1:  # the decode step: the cache's backend (SDPA over all slots, or the Triton kernel)
+            kv_len = layout.kv_len
+            if T == 1 and not explicit:  # the decode step: the cache's backend (SDPA over all slots, or Triton)
+                k, v = kv_cache.read(self.layer_idx, kv_len)  # [B, Hkv, S, D]
                 out = decode_attention(q[:, :, 0], k, v, layout.seq_lens, self.scale, kv_cache.decode_backend)
-                return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))  # [B, Hq, D] -> [B, 1, Hq*D]
+                z = self.hook_z(out.reshape(B, 1, self.n_heads, self.head_dim))  # [B, Hq, D] -> [B, 1, Hq, D]
+                return self.o_proj(z.reshape(B, 1, self.n_heads * self.head_dim))
+            if T == 1:  # explicit decode step: probabilities over the used slots, like transformers' cache
+                kv_len = int(layout.seq_lens.max())
+                used = torch.arange(kv_len, device=x.device) < layout.seq_lens[:, None]  # [B, S]
+                mask = used[:, None, None]  # [B, 1, 1, S]
+            k, v = kv_cache.read(self.layer_idx, kv_len)  # [B, Hkv, S, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attention(q, k, v, layout.mask, is_causal=True, scale=self.scale,
-                        dropout_p=self.dropout if self.training else 0.0)  # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        dropout_p = self.dropout if self.training else 0.0
+        if explicit:
+            probs = self.hook_pattern(attention_probs(q, k, mask, is_causal=True, scale=self.scale))  # [B, Hq, T, S]
+            if layout.attentions is not None:
+                layout.attentions.add(probs)
+            out = attend(probs, v, dropout_p)  # [B, Hq, T, D]
+        else:
+            out = attention(q, k, v, mask, is_causal=True, scale=self.scale, dropout_p=dropout_p)  # [B, Hq, T, D]
+        z = self.hook_z(out.transpose(1, 2))  # [B, T, Hq, D]
+        return self.o_proj(z.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class Qwen3MLP(nn.Module):
@@ -161,15 +198,22 @@ class Qwen3DecoderLayer(nn.Module):
 
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
         super().__init__()
+        self.hook_resid_pre = HookPoint()  # [B, T, C] the block's input
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Qwen3Attention(config, layer_idx)
+        self.hook_attn_out = HookPoint()  # [B, T, C] what attention adds to the residual stream
+        self.hook_resid_mid = HookPoint()  # [B, T, C] after the attention residual add
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Qwen3MLP(config)
+        self.hook_mlp_out = HookPoint()  # [B, T, C] what the MLP adds
+        self.hook_resid_post = HookPoint()  # [B, T, C] the block's output
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook_resid_pre(x)
+        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache))
+        x = self.hook_resid_mid(x + attn_out)
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
 
 
 def _positions_and_layout(
@@ -213,15 +257,26 @@ def _positions_and_layout(
     return slots, layout, new_lens
 
 
+@dataclass
+class Qwen3ModelOutput:
+    """transformers' ``BaseModelOutputWithPast`` without the cache (ours is passed in)."""
+
+    last_hidden_state: torch.Tensor  # [B, T, C], after the final norm
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # L + 1 of [B, T, C] (output_hidden_states)
+    attentions: tuple[torch.Tensor, ...] | None = None  # L of [B, Hq, T, S] (output_attentions)
+
+
 class Qwen3Model(nn.Module):
-    """Embeddings, decoder layers and the final norm; returns hidden states [B, T, C]."""
+    """Embeddings, decoder layers and the final norm; returns a ``Qwen3ModelOutput``."""
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.hook_embed = HookPoint()  # [B, T, C] the decoder's input (token embeddings or inputs_embeds)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hook_norm_out = HookPoint()  # [B, T, C] the final norm's output
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(
@@ -231,7 +286,9 @@ class Qwen3Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> Qwen3ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, C].")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
@@ -240,19 +297,36 @@ class Qwen3Model(nn.Module):
         B, T, _ = x.shape
         if kv_cache is not None and kv_cache.batch_size != B:
             raise ValueError(f"kv_cache holds {kv_cache.batch_size} sequences but the input has batch size {B}.")
+        x = self.hook_embed(x)
         default_pos, layout, new_lens = _positions_and_layout(B, T, x.device, attention_mask, kv_cache)
+        if output_attentions:
+            layout.attentions = AttentionRecorder()
         cos, sin = self.rotary_emb(default_pos if position_ids is None else position_ids)
+        states = [x] if output_hidden_states else None
         for layer in self.layers:
             x = layer(x, cos, sin, layout, kv_cache)
+            if states is not None:
+                states.append(x)
         if kv_cache is not None:
             kv_cache.seq_lens.copy_(new_lens)
-        return self.norm(x)
+        x = self.hook_norm_out(self.norm(x))
+        if states is not None:
+            states[-1] = x  # transformers 5 (capture_outputs, tie_last_hidden_states): the last entry is normed
+        return Qwen3ModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(states) if states is not None else None,
+            attentions=tuple(layout.attentions.probs) if layout.attentions is not None else None,
+        )
 
 
 @dataclass
 class CausalLMOutput:
+    """transformers' ``CausalLMOutputWithPast`` without the cache; None for what was not requested."""
+
     logits: torch.Tensor  # [B, T', V]
     loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # L + 1 of [B, T, C], last one normed
+    attentions: tuple[torch.Tensor, ...] | None = None  # L of [B, Hq, T, S]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -270,6 +344,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.config = config
         self.model = Qwen3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.hook_logits = HookPoint()  # [B, T', V]
         if config.tie_word_embeddings:
             self.tie_weights()
 
@@ -287,14 +362,22 @@ class Qwen3ForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> CausalLMOutput:
-        """``logits_to_keep=n`` computes logits for the last n positions only (0 = all)."""
-        hidden = self.model(input_ids, inputs_embeds, position_ids, attention_mask, kv_cache)
+        """``logits_to_keep=n`` computes logits for the last n positions only (0 = all).
+
+        ``output_hidden_states`` / ``output_attentions`` add transformers' fields of the same names
+        (see the module docstring); attentions use the explicit softmax path for every layer.
+        """
+        out = self.model(input_ids, inputs_embeds, position_ids, attention_mask, kv_cache,
+                         output_hidden_states, output_attentions)
+        hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = self.hook_logits(self.lm_head(hidden))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states, attentions=out.attentions)
 
     @classmethod
     def from_pretrained(
@@ -305,7 +388,16 @@ class Qwen3ForCausalLM(nn.Module):
         revision: str | None = None,
         progress: bool = False,
     ) -> "Qwen3ForCausalLM":
-        """Load the decoder from a Qwen3 checkpoint (local dir or hub id), or the text side of an R-4B one."""
-        from r4b_weights import load_text_model  # weights I/O depends on this module, not the reverse
+        """Load the decoder from a Qwen3 checkpoint (local dir or hub id), or the text side of an R-4B one.
 
-        return load_text_model(path_or_repo, dtype=dtype, device=device, revision=revision, progress=progress)
+        dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
+        """
+        from r4b_core.config import text_config_from_dict
+        # not at the top: r4b_weights imports r4b_core.config, and r4b_core/__init__.py imports this module
+        from r4b_weights.loader import load_text_weights, open_checkpoint
+
+        directory, config_path, raw = open_checkpoint(path_or_repo, revision)
+        config = text_config_from_dict(raw, source=str(config_path))
+        with torch.device("meta"):
+            model = cls(config)
+        return load_text_weights(model, directory, config_path, raw, dtype, device, progress).eval()

@@ -17,6 +17,9 @@ weights, N(0, 1) embeddings, norm weights of 1 + N(0, 0.1) (so that, e.g., apply
 RoPE changes the result), small biases; lm_head rows of ids the written tokenizer cannot print are
 zeroed so that generated text is visible (``focus_lm_head_``). Everything is a deterministic
 function of ``seed``.
+
+``synthetic_picture(width, height, seed)`` is the generated test picture (noise and two solid shapes)
+that ``r4b parity``, ``r4b inspect --load``, ``r4b bench`` and the tests use when no image is given.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -36,6 +40,9 @@ import torch.nn as nn
 from r4b_core.config import R4BConfig, preset
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.qwen3 import RMSNorm
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -221,3 +228,20 @@ def cached_synthetic_checkpoint(preset_name: str = "tiny", seed: int = 0) -> Pat
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def synthetic_picture(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A deterministic RGB picture that is not flat: uniform noise drawn from ``seed``, plus a red
+    ellipse and a green rectangle placed relative to the size (left out below 8 pixels a side)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if width < 1 or height < 1:
+        raise ValueError(f"a picture needs at least 1x1 pixels, got {width}x{height}.")
+    rng = np.random.default_rng(seed)
+    picture = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))  # [H, W, 3]
+    if min(width, height) >= 8:
+        draw = ImageDraw.Draw(picture)
+        draw.ellipse([width // 5, height // 5, width // 2, height // 2], fill=(250, 20, 20))
+        draw.rectangle([width // 2, height // 3, width - 2, height - 2], fill=(10, 200, 40))
+    return picture

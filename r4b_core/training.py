@@ -7,7 +7,7 @@
     apply_fsdp2(model, mesh)                        # 3. FSDP2: each ViT block, each decoder block, the root
     opt = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-4)
     ...
-    labels = batch.pop("labels")                    # batch = processor.collate(examples)
+    labels = batch.pop("labels")                    # batch = training_data.collate(examples, pad_id)
     loss = causal_lm_loss_sum(model(**batch).logits, labels) / n_target_tokens_in_the_step
 
 The model files hold no distributed, checkpointing or compile code: the units are the blocks of
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from r4b_core.training_data import IGNORE_INDEX
 
 # parts of R4BForConditionalGeneration, by the first component of a parameter's name
 PARTS = {

@@ -1,8 +1,12 @@
-"""Attention kernels and their plain-PyTorch references.
+"""Attention kernels and their plain-PyTorch references. Imports nothing from r4b_core.
 
 decode_attention.py  Triton split-KV flash-decoding for one query token per sequence against the KV
-                     cache, GQA-packed (the query heads of a KV head share one K/V read); also exposed
-                     as the custom op ``torch.ops.r4b.decode_attention`` (opaque to torch.compile)
+                     cache, GQA-packed (the query heads of a KV head share one K/V read): the kernels,
+                     input checks, the split heuristic and the eager entry point ``decode_attention``
+decode_op.py         the same as the custom op ``torch.ops.r4b.decode_attention`` (torch.library;
+                     opaque to torch.compile, no host sync): ``decode_attention_op``
+triton_runtime.py    where kernels run: Triton availability, compiled (CUDA) vs interpreted (CPU,
+                     TRITON_INTERPRET=1) wrapping, and the interpreter shim for Triton's own library
 reference.py         the same computation in plain PyTorch, the ground truth for tests
 
 The dispatcher that chooses between them and SDPA is r4b_core/attention.py.

@@ -60,19 +60,19 @@ registers and 76 KiB. Triton's default of 3 stages would need 140 KiB for fp32, 
 have. K/V rows are loaded with 16-byte vectors only when D is a multiple of 16 (Triton specialises
 strides divisible by 16), so D = 72 works but loads narrower.
 
-Interpreter: kernels are wrapped lazily, per call: tensors on a CUDA device run compiled kernels,
-anything else (CPU tensors) or ``TRITON_INTERPRET=1`` runs the Triton interpreter. So the import
-order of this module and of ``triton`` relative to setting the variable does not matter. The
-interpreter cannot do bf16 arithmetic (it stores bf16 as uint16 and its tl.dot multiplies the bit
-patterns), so there the bf16 dot operands are upcast to fp32 after the same roundings as on the GPU
-(``UPCAST``); the bf16 tensor-core path itself only runs on a GPU.
+Interpreter: CPU tensors (or TRITON_INTERPRET=1) run the kernels under the Triton interpreter; how
+they are wrapped per mode is in ``triton_runtime.py``. The interpreter cannot do bf16 arithmetic (it
+stores bf16 as uint16 and its tl.dot multiplies the bit patterns), so there the bf16 dot operands are
+upcast to fp32 after the same roundings as on the GPU (``UPCAST``); the bf16 tensor-core path itself
+only runs on a GPU.
 
 Entry points:
     decode_attention(...)       eager call; validates inputs (ValueError), optional out= / workspace=
-    decode_attention_op(...)    the same as custom op ``torch.ops.r4b.decode_attention``: opaque to
-                                torch.compile (fullgraph), no host sync, capturable in CUDA graphs
+    decode_attention_op(...)    in ``decode_op.py``: the same as the custom op
+                                ``torch.ops.r4b.decode_attention`` (torch.compile, CUDA graphs)
     supports(q, k_cache, ...)   None or why these tensors are unsupported (shapes, dtypes, layout)
-    is_available(device), unavailable_reason(device)   Triton importable and a device it can run on
+    is_available(device), unavailable_reason(device)   (from ``triton_runtime.py``) Triton importable
+                                and a device it can run on
     default_num_splits(...), make_workspace(q, num_splits)
 """
 
@@ -80,20 +80,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import threading
 
 import torch
 
-try:  # Triton is optional: the SDPA path works without it.
-    import triton
-    import triton.language as tl
+from r4b_kernels.triton_runtime import (
+    TRITON_IMPORT_ERROR,
+    interpret_env,
+    interpretable_jit_functions,
+    is_available,
+    unavailable_reason,
+    use_interpreter,
+    wrap_kernel,
+)
 
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except Exception as exc:  # noqa: BLE001  (ImportError, or a broken install raising at import)
-    triton = None
+if TRITON_IMPORT_ERROR is None:  # Triton is optional: the SDPA path works without it
+    import triton.language as tl
+else:
     tl = None
-    _TRITON_IMPORT_ERROR = exc
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 256
@@ -103,43 +106,12 @@ _INTERPRET_SPLITS = 4
 _PROGRAMS_PER_SM = 4  # ~ how many (bf16, D=128) split programs fit on one SM at once
 DEFAULT_BLOCK_N = 64
 
-__all__ = [
-    "decode_attention",
-    "decode_attention_op",
-    "default_num_splits",
-    "is_available",
-    "make_workspace",
-    "supports",
-    "unavailable_reason",
-]
+__all__ = ["decode_attention", "default_num_splits", "is_available", "make_workspace", "supports",
+           "unavailable_reason"]
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _interpret_env() -> bool:
-    """TRITON_INTERPRET as Triton itself parses it."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
-
-
-def unavailable_reason(device: torch.device | str | None = None) -> str | None:
-    """None when the kernel can run for ``device`` (default: cuda), else a one-line reason."""
-    if triton is None:
-        return f"Triton is not importable ({_TRITON_IMPORT_ERROR!r})"
-    if _interpret_env():
-        return None
-    device = torch.device("cuda" if device is None else device)
-    if device.type != "cuda":
-        return f"device {device} is not a CUDA device (set TRITON_INTERPRET=1 to run the Triton interpreter)"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    return None
-
-
-def is_available(device: torch.device | str | None = None) -> bool:
-    """Triton importable and either TRITON_INTERPRET=1 or ``device`` (default: cuda) a usable CUDA device."""
-    return unavailable_reason(device) is None
 
 
 def supports(
@@ -206,7 +178,7 @@ def default_num_splits(batch: int, n_kv_heads: int, capacity: int, device: torch
     """
     device = torch.device(device)
     max_by_len = max(1, math.ceil(capacity / (2 * block_n)))
-    if device.type != "cuda" or _interpret_env():
+    if device.type != "cuda" or interpret_env():
         return max(1, min(_INTERPRET_SPLITS, max_by_len))
     sms = _sm_count(device)
     want = max(1, math.ceil(_PROGRAMS_PER_SM * sms / max(1, batch * n_kv_heads)))
@@ -236,9 +208,9 @@ def make_workspace(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torc
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernels. Plain functions, wrapped by ``_kernels`` as compiled (triton.jit) or interpreted
+# Kernels. Plain functions, wrapped by ``triton_runtime.wrap_kernel`` as compiled (triton.jit) or interpreted
 # (InterpretedFunction) at the first launch of each mode. Besides Triton's own library (tl.max, tl.sum,
-# tl.cdiv, ...: see ``_interpretable_jit_functions``) they call no jitted function.
+# tl.cdiv, ...: see ``triton_runtime.interpretable_jit_functions``) they call no jitted function.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -357,56 +329,6 @@ def _merge_kernel(
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-_KERNELS: dict[bool, tuple] = {}
-_PATCH_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _interpretable_jit_functions():
-    """Let interpreted kernels call Triton's own ``@triton.jit`` helpers (tl.max, tl.sum, tl.cdiv, ...).
-
-    Triton decides at *its* import whether ``@triton.jit`` builds compiled or interpreted functions;
-    when it was imported before TRITON_INTERPRET=1 was set (another test module, torch.compile's
-    Triton probe), its standard library is compiled-only and an interpreted kernel calling it fails
-    with "Cannot call @triton.jit'd outside of the scope of a kernel". For the duration of an
-    interpreted launch, such calls run through the interpreter instead (what they would do had the
-    variable been set first). No effect when Triton was imported in interpreter mode.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with _PATCH_LOCK:
-        original = JITFunction.__dict__.get("__call__")
-        if getattr(original, "_r4b_interpret", False):  # nested launch: already patched
-            yield
-            return
-        cache: dict[int, InterpretedFunction] = {}
-
-        def call(self, *args, **kwargs):
-            fn = cache.get(id(self))
-            if fn is None:
-                fn = cache[id(self)] = InterpretedFunction(self.fn)
-            return fn(*args, **kwargs)
-
-        call._r4b_interpret = True
-        JITFunction.__call__ = call
-        try:
-            yield
-        finally:
-            JITFunction.__call__ = original
-
-
-def _kernels(interpret: bool) -> tuple:
-    """(split, merge) kernels, compiled or interpreted, wrapped on first use."""
-    if interpret not in _KERNELS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction as wrap
-        else:  # only reached without TRITON_INTERPRET=1, so triton.jit compiles
-            wrap = triton.jit
-        _KERNELS[interpret] = (wrap(_split_kernel), wrap(_merge_kernel))
-    return _KERNELS[interpret]
-
-
 # --------------------------------------------------------------------------------------------------
 # Host entry point
 # --------------------------------------------------------------------------------------------------
@@ -440,8 +362,8 @@ def decode_attention(
     safety, and a length-0 sequence yields zeros); it is skipped while compiling or capturing a CUDA graph.
     Raises ValueError for unsupported inputs.
     """
-    if triton is None:
-        raise RuntimeError(f"Triton is not available: {_TRITON_IMPORT_ERROR!r}")
+    if TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"Triton is not available: {TRITON_IMPORT_ERROR!r}")
     reason = supports(q, k_cache, v_cache, seq_lens)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}.")
@@ -481,11 +403,11 @@ def decode_attention(
     else:
         o_part, lse_part = out, out  # unused by the kernel (WRITE_OUT)
 
-    interpret = _interpret_env() or q.device.type != "cuda"
-    split_kernel, merge_kernel = _kernels(interpret)
+    interpret = use_interpreter(q.device)
+    split_kernel, merge_kernel = wrap_kernel(_split_kernel, interpret), wrap_kernel(_merge_kernel, interpret)
     launch = {"num_warps": num_warps, "num_stages": num_stages}
 
-    with _interpretable_jit_functions() if interpret else contextlib.nullcontext():
+    with interpretable_jit_functions() if interpret else contextlib.nullcontext():
         _launch(split_kernel, merge_kernel, interpret, q, k_cache, v_cache, seq_lens, scale, num_splits, out, o_part,
                 lse_part, G, block_n, launch)
     return out
@@ -519,54 +441,3 @@ def _launch(split_kernel, merge_kernel, interpret, q, k_cache, v_cache, seq_lens
             D=D, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK=min(block_s, 16),
             num_warps=4,
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Opaque op for torch.compile / CUDA graphs
-# --------------------------------------------------------------------------------------------------
-
-
-def _op_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-             scale: float, num_splits: int) -> torch.Tensor:
-    return decode_attention(q, k_cache, v_cache, seq_lens, scale, num_splits, check_seq_lens=False)
-
-
-def _op_fake(q, k_cache, v_cache, seq_lens, scale, num_splits):
-    return q.new_empty(q.shape)  # contiguous [B, Hq, D], like the real output
-
-
-def _register_op():
-    """torch.ops.r4b.decode_attention, registered once per process (a re-imported module reuses it)."""
-    if not hasattr(torch.library, "custom_op"):  # pragma: no cover  (torch < 2.4)
-        return None
-    try:
-        return torch.ops.r4b.decode_attention
-    except (AttributeError, RuntimeError):
-        op = torch.library.custom_op("r4b::decode_attention", mutates_args=())(_op_impl)
-        op.register_fake(_op_fake)
-        return torch.ops.r4b.decode_attention
-
-
-_decode_op = _register_op()
-
-
-def decode_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """``decode_attention`` as the custom op ``torch.ops.r4b.decode_attention``: opaque to torch.compile
-    (no graph break, ``fullgraph=True`` works, capturable in CUDA graphs) and free of host syncs
-    (``check_seq_lens=False``: lengths are trusted, clamped to [0, S] in the kernel). ``num_splits`` None
-    is resolved here from shapes only. Shapes/dtypes are still validated (ValueError)."""
-    reason = supports(q, k_cache, v_cache, seq_lens)
-    if reason is not None:
-        raise ValueError(f"decode_attention: {reason}.")
-    if num_splits is None:
-        num_splits = default_num_splits(q.shape[0], k_cache.shape[1], k_cache.shape[2], q.device)
-    if _decode_op is None:  # pragma: no cover
-        return _op_impl(q, k_cache, v_cache, seq_lens, float(scale), int(num_splits))
-    return _decode_op(q, k_cache, v_cache, seq_lens, float(scale), int(num_splits))

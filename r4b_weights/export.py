@@ -1,6 +1,8 @@
 """Write a model back as an HF checkpoint: config.json plus (sharded) safetensors in the HF layout.
 
-Reloading what ``save_hf_checkpoint`` wrote gives bit-identical tensors. A tied lm_head is not
+Any module is exported from its ``state_dict()`` and its ``config``; no model class is imported. The
+config's type picks the layout: an ``R4BConfig`` gives R-4B's layout, a ``TextConfig`` a plain Qwen3
+checkpoint (names through the one table in ``names.py``). Reloading what ``save_hf_checkpoint`` wrote gives bit-identical tensors. A tied lm_head is not
 written (transformers does not store tied weights either).
 
 With ``source_dir`` (the checkpoint the model came from, e.g. before fine-tuning) the files that are
@@ -20,10 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.qwen3 import Qwen3ForCausalLM
+from r4b_core.config import R4BConfig, TextConfig
 from r4b_weights.hub import CHECKPOINT_AUX_FILES
-from r4b_weights.names import QWEN3, R4B, ours_to_hf, text_to_full
+from r4b_weights.names import QWEN3, R4B, UnknownTensorName, ours_to_hf, text_to_full
 from r4b_weights.safetensors_io import write_safetensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -66,9 +67,10 @@ def save_hf_checkpoint(
 ) -> list[Path]:
     """Save ``model`` to ``directory`` in its HF layout; returns the safetensors files written.
 
-    ``R4BForConditionalGeneration`` is written in R-4B's layout (``model.language_model.*``,
-    ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.*``, ``model.image_newline``,
-    ``lm_head.*``); ``Qwen3ForCausalLM`` as a plain Qwen3 checkpoint (``model.*``, ``lm_head.*``).
+    The layout follows ``model.config``: an ``R4BConfig`` (e.g. ``R4BForConditionalGeneration``) is
+    written in R-4B's layout (``model.language_model.*``, ``model.vision_tower.vision_model.*``,
+    ``model.multi_modal_projector.*``, ``model.image_newline``, ``lm_head.*``); a ``TextConfig`` (e.g.
+    ``Qwen3ForCausalLM``) as a plain Qwen3 checkpoint (``model.*``, ``lm_head.*``).
     Shards (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) are used when
     the tensors exceed ``max_shard_bytes``; weight files of an earlier save in ``directory`` are removed.
     ``source_dir``: also copy the tokenizer / processor / template / generation / remote-code files
@@ -76,14 +78,20 @@ def save_hf_checkpoint(
     (activation-checkpoint, compile) never reach ``state_dict()``; merge LoRA adapters first
     (``r4b_core.lora.merge_lora``): their tensors have no HF name.
     """
-    if isinstance(model, R4BForConditionalGeneration):
+    config = getattr(model, "config", None)
+    if isinstance(config, R4BConfig):
+        layout = R4B
+
         def hf_name(name: str) -> str:
             return ours_to_hf(name, R4B)
-    elif isinstance(model, Qwen3ForCausalLM):
+    elif isinstance(config, TextConfig):
+        layout = QWEN3
+
         def hf_name(name: str) -> str:
             return ours_to_hf(text_to_full(name), QWEN3)
     else:
-        raise TypeError(f"save_hf_checkpoint: unsupported model type {type(model).__name__}.")
+        raise TypeError(f"save_hf_checkpoint: {type(model).__name__}.config is a {type(config).__name__}; expected "
+                        "an R4BConfig (R-4B layout) or a TextConfig (plain Qwen3 layout).")
     directory = Path(directory)
     tied = _tied_names(model)
     state = model.state_dict()
@@ -91,16 +99,26 @@ def save_hf_checkpoint(
     if adapters:
         raise ValueError(f"save_hf_checkpoint: the model holds LoRA adapters ({adapters[0]}, ...); fold them in with "
                          "r4b_core.lora.merge_lora(model) first (or save them alone with save_lora).")
-    tensors = {hf_name(name): t for name, t in state.items() if name not in tied}
-    config = model.config.to_hf_dict()
-    if isinstance(model, Qwen3ForCausalLM):
-        config.setdefault("architectures", ["Qwen3ForCausalLM"])
+    tensors = {}
+    for name, t in state.items():
+        if name in tied:
+            continue
+        try:
+            tensors[hf_name(name)] = t
+        except UnknownTensorName:
+            raise ValueError(f"save_hf_checkpoint: {type(model).__name__} tensor '{name}' has no name in the {layout!r} "
+                             "layout (r4b_weights/names.py); export only the model's own parameters.") from None
+    if not tensors:
+        raise ValueError(f"save_hf_checkpoint: {type(model).__name__} has no tensors to write.")
+    hf_config = config.to_hf_dict()
+    if layout == QWEN3:
+        hf_config.setdefault("architectures", ["Qwen3ForCausalLM"])
     dtype = next(iter(tensors.values())).dtype
-    dtype_keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    dtype_keys = [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["torch_dtype"]
     for key in dtype_keys:
-        config[key] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        hf_config[key] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     written = write_safetensors(tensors, directory, max_shard_bytes)
     if source_dir is not None:
         copy_source_files(source_dir, directory)

@@ -1,9 +1,19 @@
-"""Load checkpoint tensors into a model built on the meta device, strictly.
+"""Load checkpoint tensors, strictly, into a model the caller built (normally on the meta device).
+
+This module never imports model classes: it reads the layout it needs from ``model.config`` (an
+``R4BConfig`` or a ``TextConfig``) and the model's own ``state_dict()``. The model classes' own
+``from_pretrained`` are thin calls into it:
+
+    directory, config_path, raw = open_checkpoint(path_or_repo, revision)
+    config = R4BConfig.from_hf_dict(raw, source=str(config_path))
+    with torch.device("meta"):
+        model = R4BForConditionalGeneration(config)
+    load_r4b_weights(model, directory, config_path, raw, dtype, device)   # or load_text_weights
 
 Order of work, so that a bad checkpoint never yields a half-loaded model:
 1. find the safetensors files (index, shards) and read every header (names, shapes; no data);
 2. map HF names to ours through the one table in ``names.py``;
-3. check config.json against the tensors, then missing / unexpected / mis-shaped tensors, and
+3. check the config against the tensors, then missing / unexpected / mis-shaped tensors, and
    raise one error naming the HF tensor, its file and both shapes;
 4. only then read the tensors (mmap, one at a time), cast each to the requested dtype, and
    ``load_state_dict(strict=True, assign=True)``; tie lm_head when the config says so.
@@ -19,15 +29,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from r4b_core.config import (
-    R4BConfig,
-    TextConfig,
-    read_config_json,
-    text_config_from_dict,
-)
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.projector import projector_input_size
-from r4b_core.qwen3 import Qwen3ForCausalLM
+from r4b_core.config import R4BConfig, TextConfig, read_config_json
 from r4b_weights.errors import (
     ConfigMismatchError,
     CorruptCheckpointError,
@@ -105,7 +107,7 @@ def r4b_config_checks(config: R4BConfig) -> list[ConfigCheck]:
         (f"{layer0}mlp.fc1.weight", 0, "vision_config.intermediate_size", v.intermediate_size),
         ("multi_modal_projector.linear_1.weight", 0, "text_config.hidden_size", config.text_config.hidden_size),
         ("multi_modal_projector.linear_1.weight", 1, "vision_config.hidden_size x len(vision_feature_layer)",
-         projector_input_size(config)),
+         config.projector_input_size),
     ]
 
 
@@ -148,7 +150,9 @@ def load_checkpoint_into(
     config_path: str,
     progress: bool = False,
 ) -> None:
-    """Fill a meta-device ``model`` from the safetensors in ``directory``; see the module docstring.
+    """Fill ``model`` (normally built on the meta device) from the safetensors in ``directory``; see the
+    module docstring. Every check runs before a tensor is read; on return every parameter and buffer
+    is a real tensor (the loaded ones on ``device``) and tied parameters are one ``nn.Parameter``.
 
     to_model_name: HF name -> model state-dict name (None: dropped by an explicit rule; raises
     UnknownTensorName for names no rule covers). to_hf_name: the inverse, for messages.
@@ -200,6 +204,13 @@ def load_checkpoint_into(
             for n, want, got in wrong[:8]
         )
         raise ShapeMismatchError(f"{where}: wrong tensor shape(s): {detail}.")
+    persistent = set(model.state_dict())
+    stranded = [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
+    if stranded:
+        raise ValueError(
+            f"{type(model).__name__} has non-persistent buffer(s) on the meta device that no checkpoint fills: "
+            f"{name_list(stranded)}; create them on a real device in the module's __init__ (as the RoPE table is)."
+        )
 
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, hf in hf_name.items():
@@ -217,32 +228,44 @@ def load_checkpoint_into(
     for name, source in tied.items():
         state[name] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
+    for name, source in tied.items():  # assign=True wraps each entry in its own Parameter: share one again
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
 
 
-def _open_checkpoint(path_or_repo: str | Path, revision: str | None) -> tuple[Path, Path, dict]:
-    """(local directory, config.json path, its dict); a pickle-only directory is refused first."""
+def open_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> tuple[Path, Path, dict]:
+    """(local directory, its config.json path, config.json as a dict) for a local directory or a hub id.
+
+    A directory without safetensors (missing, or pickle weights only) is refused here, before any
+    model is built.
+    """
     directory = resolve_checkpoint(path_or_repo, revision)
     find_weight_files(directory)
     config_path, raw = read_config_json(directory)
     return directory, config_path, raw
 
 
-def load_text_model(
-    path_or_repo: str | Path,
+def load_text_weights(
+    model: nn.Module,
+    directory: str | Path,
+    config_path: str | Path,
+    raw: dict,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
-    revision: str | None = None,
     progress: bool = False,
-) -> Qwen3ForCausalLM:
-    """A ``Qwen3ForCausalLM`` from a Qwen3 checkpoint or from the text side of an R-4B checkpoint.
+) -> nn.Module:
+    """Load a Qwen3 checkpoint, or the text side of an R-4B one, into ``model``; returns ``model``.
 
+    ``model`` is a Qwen3 causal LM (``model.*`` decoder, ``lm_head``) whose ``config`` is the
+    ``TextConfig`` parsed from ``config_path``; ``raw`` is that config.json as read (it tells an R-4B
+    checkpoint from a plain Qwen3 one, and gives the dtype for ``dtype='auto'``).
     dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
     """
-    directory, config_path, raw = _open_checkpoint(path_or_repo, revision)
-    config = text_config_from_dict(raw, source=str(config_path))
+    config = getattr(model, "config", None)
+    if not isinstance(config, TextConfig):
+        raise TypeError(f"load_text_weights: model.config is a {type(config).__name__}; expected the TextConfig "
+                        f"parsed from {config_path}.")
     is_r4b = "text_config" in raw
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
 
     def to_model_name(hf: str) -> str | None:
         ours = hf_to_ours(hf)
@@ -254,33 +277,39 @@ def load_text_model(
     section = "text_config" if is_r4b else ""
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load_checkpoint_into(
-        model, directory, to_model_name, to_hf_name, resolve_dtype(dtype, raw), device, tied,
+        model, Path(directory), to_model_name, to_hf_name, resolve_dtype(dtype, raw), device, tied,
         config_checks=text_config_checks(config, "model.", section),
         layer_counts=[(r"model\.layers\.(\d+)\.", f"{section + '.' if section else ''}num_hidden_layers",
                        config.num_hidden_layers)],
         config_path=str(config_path),
         progress=progress,
     )
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.to(device).eval()
+    return model.to(device)
 
 
-def load_r4b_model(
-    path_or_repo: str | Path,
+def load_r4b_weights(
+    model: nn.Module,
+    directory: str | Path,
+    config_path: str | Path,
+    raw: dict,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
-    revision: str | None = None,
     progress: bool = False,
-) -> R4BForConditionalGeneration:
-    """The full R-4B model from a checkpoint in R-4B's layout (or the legacy LLaVA spelling)."""
-    directory, config_path, raw = _open_checkpoint(path_or_repo, revision)
-    config = R4BConfig.from_hf_dict(raw, source=str(config_path))
-    with torch.device("meta"):
-        model = R4BForConditionalGeneration(config)
+) -> nn.Module:
+    """Load a checkpoint in R-4B's layout (or the legacy LLaVA spelling) into ``model``; returns ``model``.
+
+    ``model`` has the full model's parameter names (``language_model.*``, ``vision_tower.*``,
+    ``multi_modal_projector.*``, ``image_newline``) and its ``config`` is the ``R4BConfig`` parsed from
+    ``config_path``; ``raw`` is that config.json as read (for ``dtype='auto'``).
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, R4BConfig):
+        raise TypeError(f"load_r4b_weights: model.config is a {type(config).__name__}; expected the R4BConfig "
+                        f"parsed from {config_path}.")
     tied = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"} if config.tie_lm_head else {}
     load_checkpoint_into(
-        model, directory, hf_to_ours, lambda name: ours_to_hf(name, R4B), resolve_dtype(dtype, raw), device, tied,
+        model, Path(directory), hf_to_ours, lambda name: ours_to_hf(name, R4B), resolve_dtype(dtype, raw), device,
+        tied,
         config_checks=r4b_config_checks(config),
         layer_counts=[
             (r"language_model\.model\.layers\.(\d+)\.", "text_config.num_hidden_layers",
@@ -291,6 +320,6 @@ def load_r4b_model(
         config_path=str(config_path),
         progress=progress,
     )
-    if config.tie_lm_head:
-        model.language_model.tie_weights()
-    return model.to(device).eval()
+    return model.to(device)
+
+

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from r4b_core.json_io import read_json
 from r4b_weights.errors import (
     CorruptCheckpointError,
     MissingShardError,
@@ -70,11 +71,8 @@ def find_weight_files(directory: Path) -> tuple[list[Path], Path | None]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CorruptCheckpointError(f"{index}: not valid JSON ({e}).") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json(index, what="the shard index", error=CorruptCheckpointError)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{index}: expected a 'weight_map' object mapping tensor names to shard files.")
     return weight_map

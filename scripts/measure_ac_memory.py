@@ -39,7 +39,7 @@ def child(args) -> dict:
     from r4b_core.anyres import num_image_tokens
     from r4b_core.config import preset
     from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-    from r4b_core.shapes_data import draw_shape
+    from shapes_data import draw_shape
     from r4b_core.synthetic import build_synthetic_model
     from r4b_core.training import apply_activation_checkpointing
 

@@ -6,6 +6,8 @@
     python scripts/train.py --preset tiny --steps 30 --activation-checkpointing
     python scripts/train.py --checkpoint YannQi/R-4B --freeze-vision --lora  # the real model (GPU: bf16 autocast)
     torchrun --nproc_per_node 2 scripts/train.py --fsdp --preset tiny        # FSDP2; gloo on the CPU, nccl on GPUs
+    python scripts/train.py --out runs/a --save-every 10 --log-file runs/a.jsonl   # training states in runs/a
+    python scripts/train.py --out runs/a --save-every 10 --log-file runs/a.jsonl --resume   # after a crash
 
 Without ``--checkpoint`` a random-init checkpoint of ``--preset`` is written to the r4b cache
 (``$R4B_CACHE``) and fine-tuned. ``--batch-size`` is the GLOBAL number of examples per micro-step, split
@@ -15,6 +17,14 @@ micro-batches, all ranks), so a run's loss curve does not depend on how the step
 micro-batches or processes. At the end the model (LoRA merged) is written with ``save_hf_checkpoint``
 to ``--out`` together with the source checkpoint's tokenizer / processor files, so transformers and
 ``R4BProcessor`` load it as they load the original (with ``--lora`` also ``adapter.safetensors``).
+
+Crash safety. ``--save-every N`` writes the full training state (trainable weights, optimizer, LR
+schedule, the position in the example stream, RNG states; ``r4b_core.training_state``) to
+``--out/state-XXXXXXXX`` every N steps and after the last one, atomically, keeping the newest
+``--keep-states``. ``--resume`` continues from the newest complete state in ``--out`` with the same
+batches in the same order, so the losses continue exactly as an uninterrupted run's; the run's
+configuration must be the one the state was saved with. ``--log-file`` then keeps the lines up to the
+resumed step and appends to them. A fresh run refuses an ``--out`` that already holds training states.
 """
 
 from __future__ import annotations
@@ -32,7 +42,6 @@ import torch.distributed as dist
 from r4b_core.lora import apply_lora, merge_lora, save_lora
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.processor import R4BProcessor
-from r4b_core.shapes_data import shape_conversation, shape_example
 from r4b_core.training import (
     apply_activation_checkpointing,
     apply_fsdp2,
@@ -43,9 +52,23 @@ from r4b_core.training import (
     freeze,
     param_groups,
 )
+from r4b_core.training_data import build_training_example, collate
+from r4b_core.training_state import (
+    latest_state,
+    load_training_state,
+    read_manifest,
+    remove_partial_states,
+    save_training_state,
+)
 from r4b_weights.export import save_hf_checkpoint
+from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, next to this file
 
 EVAL_OFFSET = 10**9  # held-out examples are drawn from indices the training stream never reaches
+# the options a resumed run must share with the run that saved the state (they shape the trajectory)
+RESUME_MUST_MATCH = ("checkpoint", "preset", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
+                     "warmup_steps", "max_grad_norm", "seed", "image_size", "lora", "lora_rank", "lora_alpha",
+                     "freeze_vision")
+PAUSE_IN_SAVE_ENV = "R4B_TRAIN_PAUSE_IN_SAVE"  # crash tests: "STEP:SECONDS" sleeps after each file of that save
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint directory or hub id (default: a synthetic --preset checkpoint)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="synthetic checkpoint preset")
-    p.add_argument("--out", default="runs/shapes", help="where the fine-tuned checkpoint is written")
+    p.add_argument("--out", default="runs/shapes", help="where the fine-tuned checkpoint and training states go")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-step, over all ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -73,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--eval-examples", type=int, default=6, help="held-out pictures to caption at the end (0: none)")
     p.add_argument("--log-file", help="write one JSON line per step (step, loss, grad_norm, lr) here")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="save the training state to --out every N steps and after the last (0: never)")
+    p.add_argument("--keep-states", type=int, default=2, metavar="K", help="newest training states kept")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete state in --out")
     p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
     return p.parse_args(argv)
 
@@ -142,22 +169,99 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 # data
 
 
-def micro_batches(processor: R4BProcessor, args, step: int, rank: int, world: int) -> list[dict]:
-    """This rank's share of each micro-batch of optimizer step ``step`` (the same examples for any world size)."""
+def micro_batches(processor: R4BProcessor, args, next_example: int, rank: int, world: int) -> list[dict]:
+    """This rank's share of each micro-batch of the optimizer step whose first example is number
+    ``next_example`` of the stream (the same examples for any world size)."""
     per_rank = args.batch_size // world
     batches = []
     for micro in range(args.grad_accum):
-        first = (step * args.grad_accum + micro) * args.batch_size + rank * per_rank
+        first = next_example + micro * args.batch_size + rank * per_rank
         examples = []
         for index in range(first, first + per_rank):
             image, description = shape_example(index, args.seed, args.image_size)
-            examples.append(processor.build_training_example(shape_conversation(description), [image]))
-        batches.append(processor.collate(examples))
+            examples.append(build_training_example(processor, shape_conversation(description), [image]))
+        batches.append(collate(examples, processor.pad_token_id))
     return batches
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# training states: save, resume
+
+
+def run_config(args) -> dict:
+    return {name: getattr(args, name) for name in RESUME_MUST_MATCH}
+
+
+def check_out_dir(args) -> Path | None:
+    """Before anything loads: the state ``--resume`` continues from (None for a fresh run); a fresh run
+    that saves states must not mix them with another run's in ``--out``."""
+    out = Path(args.out)
+    if args.save_every < 0 or args.keep_states < 1:
+        raise SystemExit(f"--save-every must be >= 0 and --keep-states >= 1; got {args.save_every} and "
+                         f"{args.keep_states}.")
+    latest = latest_state(out)
+    if args.resume and latest is None:
+        raise SystemExit(f"--resume: no complete training state in {out} (a run writes them with --save-every N).")
+    if not args.resume and args.save_every and latest is not None:
+        raise SystemExit(f"--out {out} already holds training states (newest: {latest.name}); pass --resume to "
+                         "continue that run, or choose another --out.")
+    if not args.resume:
+        return None
+    saved = read_manifest(latest).get("extra", {}).get("config", {})
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in run_config(args).items()
+              if saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"--resume: {latest} was saved by a run with other options: {'; '.join(differ)}. "
+                         "Resume with the same options.")
+    return latest
+
+
+def resume(args, path: Path, model, optimizer, scheduler, rank: int, say) -> tuple[int, int]:
+    """Load the state at ``path``; returns (steps done, position in the example stream to continue from)."""
+    try:
+        state = load_training_state(path, model, optimizer, scheduler=scheduler)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--resume: {e}") from None
+    if rank == 0:
+        for partial in remove_partial_states(args.out):
+            say(f"removed {partial.name}, left by an interrupted save")
+    say(f"resumed from {path} (step {state.step})")
+    return state.step, int(state.data_position["next_example"])
+
+
+def open_log(args, start: int, rank: int):
+    """The per-step log (rank 0 only). On resume its lines after the resumed step, from the lost part of
+    the interrupted run, are dropped (the file is rewritten atomically), then new lines are appended."""
+    if not args.log_file or rank != 0:
+        return None
+    path = Path(args.log_file)
+    if start == 0 or not path.exists():
+        return open(path, "w")
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by the crash
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= start:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def pause_in_save(step: int):
+    """For crash tests: ``R4B_TRAIN_PAUSE_IN_SAVE=STEP:SECONDS`` sleeps after each file of the save at STEP."""
+    spec = os.environ.get(PAUSE_IN_SAVE_ENV, "")
+    if not spec:
+        return None
+    at, seconds = spec.split(":")
+    return (lambda path: time.sleep(float(seconds))) if int(at) == step else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +272,7 @@ def train(args) -> list[float]:
     rank, world, device, mesh = setup_distributed(args)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world}).")
+    resume_from = check_out_dir(args)
     torch.manual_seed(args.seed)
     source = source_checkpoint(args, rank)
     processor = R4BProcessor.from_pretrained(source)
@@ -179,16 +284,20 @@ def train(args) -> list[float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps, warmup))
     autocast = device.type == "cuda" and mesh is None  # FSDP on GPUs does bf16 through its policy instead
     precision = "bf16 autocast" if autocast else "bf16 (FSDP policy)" if device.type == "cuda" else "fp32"
-    log = open(args.log_file, "w") if args.log_file and rank == 0 else None
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{source}: {total / 1e6:.1f} M parameters, {trainable / 1e6:.2f} M trainable; {world} process(es) on "
         f"{device.type}, {precision}; global batch "
         f"{args.batch_size} x {args.grad_accum} accumulation; lr {lr:g}")
+    start, next_example = 0, 0
+    if resume_from is not None:
+        start, next_example = resume(args, resume_from, model, optimizer, scheduler, rank, say)
+    log = open_log(args, start, rank)
 
     losses = []
-    for step in range(args.steps):
+    for step in range(start, args.steps):
         started = time.perf_counter()
-        batches = [to_device(b, device) for b in micro_batches(processor, args, step, rank, world)]
+        batches = [to_device(b, device) for b in micro_batches(processor, args, next_example, rank, world)]
+        next_example += args.batch_size * args.grad_accum
         n_targets = torch.tensor(sum(count_target_tokens(b["labels"]) for b in batches), device=device)
         if world > 1:
             dist.all_reduce(n_targets)  # target tokens of the whole step, over all ranks
@@ -216,6 +325,11 @@ def train(args) -> list[float]:
         if log:
             log.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": grad_norm.item(), "lr": step_lr}) + "\n")
             log.flush()
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            path = save_training_state(args.out, model, optimizer, step=step + 1, scheduler=scheduler,
+                                       data_position={"next_example": next_example}, extra={"config": run_config(args)},
+                                       keep=args.keep_states, on_file_written=pause_in_save(step + 1))
+            say(f"saved the training state to {path}")
     if losses:
         tail = losses[-5:]
         say(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps "

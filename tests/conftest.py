@@ -1,17 +1,42 @@
-"""Shared helpers: random-weight transformers Qwen3 checkpoints written with save_pretrained."""
+"""Shared test fixtures and helpers: the session's tiny synthetic checkpoint, model and transformers
+reference (read-only, shared by every file); random-weight transformers Qwen3 checkpoints written with
+save_pretrained; the test picture; scripts/ on the import path (for `shapes_data`).
+
+transformers is imported only inside the helpers and fixtures that need it, so the tests that do not
+compare with it run (and `pytest.importorskip("transformers")` can skip) without it installed.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
 import torch
-import transformers
-from PIL import Image, ImageDraw
+from PIL import Image
 
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+from r4b_core.model import R4BForConditionalGeneration
+from r4b_core.synthetic import make_synthetic_checkpoint, synthetic_picture
+
+if TYPE_CHECKING:
+    import transformers
+
+# scripts/shapes_data.py (the demo task of scripts/train.py) is imported by the training tests as `shapes_data`
+SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
+TINY_SEED = 0  # the seed of the shared tiny checkpoint
+
+
+def transformers_5() -> bool:
+    """Whether the installed transformers is 5.x or later (it spells RoPE as ``rope_parameters``)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
@@ -28,11 +53,14 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def hf_qwen3_config(n_kv_heads: int = 2, tie: bool = False, rope_theta: float = 10000.0,
                     rope_type: str = "default", factor: float = 2.0, **overrides) -> transformers.Qwen3Config:
+    """A small transformers ``Qwen3Config`` (vocabulary 256, width 64, 3 layers) in this transformers' RoPE form."""
+    import transformers
+
     kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=n_kv_heads, head_dim=16, max_position_embeddings=128,
                   rms_norm_eps=1e-6, tie_word_embeddings=tie, attn_implementation="sdpa")
     kwargs.update(overrides)
-    if TRANSFORMERS_5:
+    if transformers_5():
         params = {"rope_type": rope_type, "rope_theta": rope_theta}
         if rope_type == "linear":
             params["factor"] = factor
@@ -64,6 +92,8 @@ def rewrite_rope_form(config_path: Path, form: str) -> None:
 
 def save_random_hf_qwen3(directory: Path, seed: int = 0, rope_form: str | None = None, **config_kwargs):
     """Build transformers' Qwen3ForCausalLM with random weights, save_pretrained it; return the model."""
+    import transformers
+
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(hf_qwen3_config(**config_kwargs)).eval()
     randomize_(model, seed)
@@ -81,11 +111,89 @@ def hf_qwen3_dir(tmp_path):
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:
-    """Noise plus shapes: content that is not flat."""
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    if min(width, height) >= 8:
-        draw = ImageDraw.Draw(img)
-        draw.ellipse([width // 5, height // 5, width // 2, height // 2], fill=(250, 20, 20))
-        draw.rectangle([width // 2, height // 3, width - 2, height - 2], fill=(10, 200, 40))
-    return img
+    """Noise plus shapes: content that is not flat (the one generated picture, r4b_core.synthetic's)."""
+    return synthetic_picture(width, height, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the session's tiny checkpoint, model and reference: written, loaded and built once, shared read-only
+
+
+def _file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every file under ``directory``."""
+    return {str(f.relative_to(directory)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def _changes_to_shared_model(model: torch.nn.Module, state: dict[str, torch.Tensor], hooks: bool = True) -> list[str]:
+    """What a test changed in a shared model: weights or buffers, train mode, gradients and (``hooks``) forward or
+    backward hooks left attached. An empty list: nothing."""
+    now = model.state_dict()
+    changes = [f"tensor {k!r} changed" for k in sorted(state.keys() | now.keys())
+               if k not in state or k not in now or not torch.equal(state[k], now[k])]
+    changes += [f"{name or 'the root'} left in train mode" for name, m in model.named_modules() if m.training]
+    changes += [f"{name} has a .grad or lost requires_grad" for name, p in model.named_parameters()
+                if p.grad is not None or not p.requires_grad]
+    if hooks:
+        changes += [f"{name or 'the root'} holds a hook" for name, m in model.named_modules()
+                    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    return changes
+
+
+def _check_shared_model_untouched(model: torch.nn.Module, state: dict[str, torch.Tensor], fixture: str,
+                                  hooks: bool = True) -> None:
+    changes = _changes_to_shared_model(model, state, hooks)
+    if changes:
+        raise RuntimeError(
+            f"a test modified the session-wide `{fixture}` fixture ({'; '.join(changes[:5])}): tests that change "
+            f"a model must make their own (R4BForConditionalGeneration.from_pretrained(tiny_checkpoint), "
+            f"r4b_core.parity.build_reference_model(tiny_checkpoint))."
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The plain tiny synthetic checkpoint (preset "tiny", seed ``TINY_SEED``), written once per session.
+
+    Shared: never write into it (copy it with ``tiny_checkpoint_copy`` to edit files); a test that needs a
+    variant (tied head, other pinpoints, another seed, the Qwen tokenizer) writes its own. The session
+    fails at teardown if any file in it was changed, added or removed.
+    """
+    directory = make_synthetic_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), "tiny", seed=TINY_SEED)
+    stamps = _file_stamps(directory)
+    yield directory
+    if _file_stamps(directory) != stamps:
+        raise RuntimeError(f"a test wrote into the shared tiny checkpoint {directory}: copy it first "
+                           "(the `tiny_checkpoint_copy` fixture) and edit the copy.")
+
+
+@pytest.fixture
+def tiny_checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny checkpoint, free to edit."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "tiny-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path) -> R4BForConditionalGeneration:
+    """r4b's model loaded from ``tiny_checkpoint`` (fp32, CPU, eval), shared by the session: read-only.
+
+    Tests that train it, change its modules, attach hooks or switch it to train mode load their own; the
+    session fails at teardown if the shared one was changed.
+    """
+    model = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    yield model
+    _check_shared_model_untouched(model, state, "tiny_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_checkpoint: Path) -> torch.nn.Module:
+    """transformers' reference model (r4b_core.parity.build_reference_model) of ``tiny_checkpoint``,
+    shared by the session: read-only, like ``tiny_model``."""
+    from r4b_core.parity import build_reference_model
+
+    model = build_reference_model(tiny_checkpoint)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    yield model
+    # no hook check: transformers attaches its own output-recording hooks to the layers on the first forward
+    _check_shared_model_untouched(model, state, "tiny_reference", hooks=False)

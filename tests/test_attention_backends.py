@@ -9,13 +9,12 @@ import torch
 from r4b_core.attention import BackendUnavailableError, decode_attention, resolve_decode_backend
 from r4b_core.generate import generate
 from r4b_core.kv_cache import KVCache
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.synthetic import make_synthetic_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return R4BForConditionalGeneration.from_pretrained(make_synthetic_checkpoint(tmp_path_factory.mktemp("b"), "tiny"))
+def model(tiny_model):
+    """The session's shared tiny model (conftest.py): read-only here."""
+    return tiny_model
 
 
 def test_triton_backend_greedy_tokens_equal_sdpa(model, monkeypatch):

@@ -1,6 +1,6 @@
-"""Training examples and batches: ``R4BProcessor.build_training_example`` (labels on assistant turns only,
-as the chat template renders them) and ``collate_training_examples`` (right padding, images kept
-straight). Tiny synthetic checkpoint: 56-pixel tiles, so a view is 16 image tokens."""
+"""Training examples and batches (training_data.py): ``build_training_example`` (labels on assistant turns
+only, as the chat template renders them) and ``collate`` (right padding, images kept straight).
+Tiny synthetic checkpoint: 56-pixel tiles, so a view is 16 image tokens."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ from conftest import picture
 
 from r4b_core.anyres import num_image_tokens
 from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor, collate_training_examples
-from r4b_core.synthetic import make_synthetic_checkpoint
+from r4b_core.processor import R4BProcessor
+from r4b_core.training_data import build_training_example, collate
 
 IMAGE_ID = 151669
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_synthetic_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+def ckpt(tiny_checkpoint):
+    """The session's shared tiny checkpoint (conftest.py): read-only here."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_labels_cover_assistant_turns_with_thinking_and_end_token(processor):
     messages = [{"role": "system", "content": "Describe pictures."}, user("What is this?", 1), assistant(thought),
                 user("Sure?"), assistant("yes")]
     image = picture(90, 60, 0)
-    ex = processor.build_training_example(messages, [image])
+    ex = build_training_example(processor, messages, [image])
     assert target_texts(processor, ex) == [thought + "<|im_end|>", "yes<|im_end|>"]
     # the ids are exactly what the inference path tokenizes for the same text (no boundary effects)
     full = processor.apply_chat_template(messages, add_generation_prompt=False)
@@ -64,7 +65,7 @@ def test_images_inside_messages_and_multi_image(processor):
     a, b = picture(40, 70, 1), picture(64, 64, 2)
     messages = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "image", "image": b},
                                              {"type": "text", "text": "Compare."}]}, assistant("two shapes")]
-    ex = processor.build_training_example(messages)
+    ex = build_training_example(processor, messages)
     assert int((ex["input_ids"] == IMAGE_ID).sum()) == 2 * (16 + 1)  # multi-image: one view + a newline each
     assert ex["pixel_values"].shape[:2] == (2, 1)
     assert target_texts(processor, ex) == ["two shapes<|im_end|>"]
@@ -73,7 +74,7 @@ def test_images_inside_messages_and_multi_image(processor):
 def test_image_tokens_are_never_labels_even_inside_an_assistant_turn(processor):
     answer = {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "done"}]}
     messages = [user("draw it"), answer]
-    ex = processor.build_training_example(messages, [picture(56, 56, 3)])
+    ex = build_training_example(processor, messages, [picture(56, 56, 3)])
     assert (ex["input_ids"] == IMAGE_ID).sum() > 0 and not (ex["labels"] == IMAGE_ID).any()
     assert target_texts(processor, ex) == ["\ndone<|im_end|>"]
 
@@ -84,29 +85,29 @@ def test_image_tokens_are_never_labels_even_inside_an_assistant_turn(processor):
     ("short", "<think>\n\n</think>\n\nok", "ok<|im_end|>"),  # the empty thought is in the prompt
 ])
 def test_thinking_modes_label_what_follows_the_generation_prompt(processor, mode, content, learned):
-    ex = processor.build_training_example([user("hi"), assistant(content)], thinking_mode=mode)
+    ex = build_training_example(processor, [user("hi"), assistant(content)], thinking_mode=mode)
     assert target_texts(processor, ex) == [learned]
 
 
 def test_content_that_does_not_continue_the_forced_prompt_is_an_error(processor):
     with pytest.raises(ValueError, match="generation prompt of thinking_mode='long'"):
-        processor.build_training_example([user("hi"), assistant("no thinking here")], thinking_mode="long")
+        build_training_example(processor, [user("hi"), assistant("no thinking here")], thinking_mode="long")
 
 
 def test_input_errors(processor):
     img = picture(30, 30, 3)
     with pytest.raises(ValueError, match="no assistant turn"):
-        processor.build_training_example([user("hi", 1)], [img])
+        build_training_example(processor, [user("hi", 1)], [img])
     with pytest.raises(ValueError, match="more images than placeholders"):
-        processor.build_training_example([user("hi", 1), assistant("ok")], [img, img])
+        build_training_example(processor, [user("hi", 1), assistant("ok")], [img, img])
     with pytest.raises(ValueError, match="fewer images than placeholders"):
-        processor.build_training_example([user("hi", 2), assistant("ok")], [img])
+        build_training_example(processor, [user("hi", 2), assistant("ok")], [img])
     with pytest.raises(ValueError, match="fewer images than placeholders"):
-        processor.build_training_example([user("hi", 1), assistant("ok")])
+        build_training_example(processor, [user("hi", 1), assistant("ok")])
     with pytest.raises(ValueError, match="max_length"):
-        processor.build_training_example([user("hi"), assistant("ok")], max_length=3)
+        build_training_example(processor, [user("hi"), assistant("ok")], max_length=3)
     with pytest.raises(ValueError, match="one conversation"):
-        processor.build_training_example([[user("hi"), assistant("ok")]])
+        build_training_example(processor, [[user("hi"), assistant("ok")]])
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(processor):
@@ -119,17 +120,17 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(processor):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     messages = [user("a"), assistant("<think>x</think>b"), user("c"), assistant("d")]
     with pytest.raises(ValueError, match="rewrites earlier turns"):
-        rewriting.build_training_example(messages)
-    assert target_texts(rewriting, rewriting.build_training_example(messages[:2])) == ["<think>x</think>b<|im_end|>"]
+        build_training_example(rewriting, messages)
+    assert target_texts(rewriting, build_training_example(rewriting, messages[:2])) == ["<think>x</think>b<|im_end|>"]
 
 
 def test_collate_pads_right_and_keeps_images_straight(processor):
     examples = [
-        processor.build_training_example([user("one", 1), assistant("a red circle")], [picture(150, 90, 4)]),
-        processor.build_training_example([user("two", 2), assistant("b")], [picture(40, 40, 5), picture(50, 80, 6)]),
-        processor.build_training_example([user("text only, a longer question"), assistant("ok")]),
+        build_training_example(processor, [user("one", 1), assistant("a red circle")], [picture(150, 90, 4)]),
+        build_training_example(processor, [user("two", 2), assistant("b")], [picture(40, 40, 5), picture(50, 80, 6)]),
+        build_training_example(processor, [user("text only, a longer question"), assistant("ok")]),
     ]
-    batch = processor.collate(examples)
+    batch = collate(examples, processor.pad_token_id)
     lengths = [len(ex["input_ids"]) for ex in examples]
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, max(lengths))
     for i, (ex, n) in enumerate(zip(examples, lengths)):
@@ -143,8 +144,8 @@ def test_collate_pads_right_and_keeps_images_straight(processor):
     assert batch["pixel_values"].shape[:2] == (3, views)  # the multi-image views are zero-padded to 5
     assert torch.equal(batch["pixel_values"][1:, 1:], torch.zeros_like(batch["pixel_values"][1:, 1:]))
     assert torch.equal(batch["pixel_values"][1:, :1], examples[1]["pixel_values"])
-    assert collate_training_examples(examples, 7, pad_to_multiple_of=64)["input_ids"].shape[1] % 64 == 0
-    text_only = processor.collate(examples[2:])
+    assert collate(examples, 7, pad_to_multiple_of=64)["input_ids"].shape[1] % 64 == 0
+    text_only = collate(examples[2:], processor.pad_token_id)
     assert set(text_only) == {"input_ids", "attention_mask", "labels"}
 
 
@@ -153,12 +154,13 @@ def test_a_collated_batch_gives_each_example_the_loss_it_has_alone(ckpt, process
     examples' own losses (which also shows image counts and views line up with the image tokens)."""
     model = R4BForConditionalGeneration.from_pretrained(ckpt)
     examples = [
-        processor.build_training_example([user("q", 1), assistant("a red circle")], [picture(150, 90, 7)]),
-        processor.build_training_example([user("q", 2), assistant("two")], [picture(40, 40, 8), picture(50, 80, 9)]),
-        processor.build_training_example([user("say something long enough to pad"), assistant("ok")]),
+        build_training_example(processor, [user("q", 1), assistant("a red circle")], [picture(150, 90, 7)]),
+        build_training_example(processor, [user("q", 2), assistant("two")], [picture(40, 40, 8), picture(50, 80, 9)]),
+        build_training_example(processor, [user("say something long enough to pad"), assistant("ok")]),
     ]
     with torch.no_grad():
-        batch_loss = model(**processor.collate(examples)).loss
-        alone = [(model(**processor.collate([ex])).loss, int((ex["labels"][1:] != -100).sum())) for ex in examples]
+        batch_loss = model(**collate(examples, processor.pad_token_id)).loss
+        alone = [(model(**collate([ex], processor.pad_token_id)).loss, int((ex["labels"][1:] != -100).sum()))
+                 for ex in examples]
     want = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
     assert abs(batch_loss.item() - want.item()) <= 1e-5

@@ -8,14 +8,12 @@ import torch
 
 from r4b_core.generate import decode_step, generate, prefill
 from r4b_core.kv_cache import KVCache
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.synthetic import make_synthetic_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    directory = make_synthetic_checkpoint(tmp_path_factory.mktemp("compile"), "tiny", seed=0)
-    return R4BForConditionalGeneration.from_pretrained(directory)
+def model(tiny_model):
+    """The session's shared tiny model (conftest.py): read-only here."""
+    return tiny_model
 
 
 @torch.no_grad()

@@ -27,13 +27,13 @@ import triton  # noqa: E402,F401  (the test extra installs it: a missing Triton 
 
 from r4b_kernels.decode_attention import (
     decode_attention,
-    decode_attention_op,
     default_num_splits,
     is_available,
     make_workspace,
     supports,
     unavailable_reason,
 )
+from r4b_kernels.decode_op import decode_attention_op
 from r4b_kernels.reference import decode_attention_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}

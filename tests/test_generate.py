@@ -1,5 +1,6 @@
 """Generation: greedy tokens equal transformers' generate, cached equals uncached, a batch equals its
-sequences run alone, stopping, length errors, sampling, and UTF-8-safe streaming."""
+sequences run alone, stopping, length errors, sampling, the shared preparation and timings (generate.py);
+UTF-8-safe streaming, chat / ChatStream / chat_batch and the thinking split (chat.py)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,21 @@ import torch
 from conftest import picture
 
 from r4b_core.anyres import num_image_tokens
-from r4b_core.generate import (
-    GenerationConfig,
-    SamplingParams,
-    TextStreamer,
-    generate,
-    sample_next_token,
-)
+from r4b_core.chat import ChatStream, TextStreamer, chat, chat_batch, split_thinking
+from r4b_core.generate import decode_tokens_per_s, generate, prepare_generation, sample_next_token
+from r4b_core.generation_config import GenerationConfig, SamplingParams
 from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
 from r4b_core.kv_cache import KVCache
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.parity import build_reference_model
-from r4b_core.synthetic import make_synthetic_checkpoint
+from r4b_core.processor import R4BProcessor
 
 EOS = [151645, 151643]
 PAD = 151643
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    directory = make_synthetic_checkpoint(tmp_path_factory.mktemp("gen"), "tiny", seed=0)
-    return directory, R4BForConditionalGeneration.from_pretrained(directory), build_reference_model(directory)
+def pair(tiny_checkpoint, tiny_model, tiny_reference):
+    """(checkpoint dir, ours, transformers reference): the session's shared tiny ones (conftest.py), read-only."""
+    return tiny_checkpoint, tiny_model, tiny_reference
 
 
 def _text_ids(length: int, seed: int) -> torch.Tensor:
@@ -179,9 +174,6 @@ def test_generation_config_file(tmp_path):
 
 
 def test_chat_stream_sections_and_result(pair):
-    from r4b_core.generate import ChatStream
-    from r4b_core.processor import R4BProcessor
-
     directory, ours, _ = pair
     processor = R4BProcessor.from_pretrained(directory)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
@@ -198,13 +190,23 @@ def test_chat_stream_sections_and_result(pair):
     else:
         assert pieces and all(s == "thinking" for s, _ in pieces)
         assert result.thinking == thinking.strip() and result.answer == ""
-    assert result.text == processor.decode(result.tokens) and result.prompt_tokens > 16
+    # the streamed deltas, assembled, are the one-shot decode of each section's tokens (split here, not by
+    # the stream); random weights write byte-level noise, so characters do get cut across tokens
+    assert processor.tokenizer.token_to_id("<think>") not in result.tokens and result.tokens.count(end_think) <= 1
+    cut = result.tokens.index(end_think) if end_think in result.tokens else len(result.tokens)
+    assert thinking == processor.decode(result.tokens[:cut])
+    assert answer == processor.decode(result.tokens[cut + 1:])
+    # chat level = token level: the same prompt through generate() with the tokenizer's stop ids
+    inputs = processor(messages=messages, images=[image], thinking_mode="long")
+    ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
+    direct = generate(ours, ids, max_new_tokens=24, eos_token_ids=processor.eos_token_ids,
+                      pad_token_id=processor.pad_token_id, **inputs)
+    assert result.tokens == direct.tokens[0] and result.finish_reason == direct.finish_reasons[0]
+    assert result.prompt_tokens == ids.shape[1] > 16
 
 
 def test_chat_batch_equals_chat_alone(pair):
-    from r4b_core.generate import chat, chat_batch
-    from r4b_core.processor import R4BProcessor
-
     directory, ours, _ = pair
     processor = R4BProcessor.from_pretrained(directory)
     with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
@@ -216,3 +218,59 @@ def test_chat_batch_equals_chat_alone(pair):
              chat(ours, processor, text_only, thinking_mode="short", max_new_tokens=20)]
     assert [r.tokens for r in batch] == [r.tokens for r in alone]
     assert [(r.text, r.thinking, r.answer) for r in batch] == [(r.text, r.thinking, r.answer) for r in alone]
+
+
+def test_streamer_over_the_checkpoint_tokenizer(pair):
+    """Byte-level BPE: the multi-byte characters below take several tokens each; streaming them one
+    token at a time gives the text back without a replacement character in any delta."""
+    processor = R4BProcessor.from_pretrained(pair[0])
+    text = "naïve café: 世界 🎉👩‍👩‍👧 ✓"
+    ids = processor.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in processor.decode([i]) for i in ids)  # some token holds part of a character
+    streamer = TextStreamer(processor.decode)
+    deltas = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+
+
+def test_no_decode_rate_without_a_decode_phase(pair):
+    """One new token: TTFT but no decode phase; the rate is None (JSON null), never NaN."""
+    directory, ours, _ = pair
+    one = generate(ours, _text_ids(6, seed=1), max_new_tokens=1)
+    assert len(one.tokens[0]) == 1 and one.decode_tokens_per_s is None and one.time_to_first_token_s > 0
+    two = generate(ours, _text_ids(6, seed=1), max_new_tokens=2)
+    assert two.decode_tokens_per_s > 0
+    assert decode_tokens_per_s([1, 1], 0.5) is None and decode_tokens_per_s([3, 1], 0.5) == 4.0
+    result = chat(ours, R4BProcessor.from_pretrained(directory), [{"role": "user", "content": "hi"}],
+                  max_new_tokens=1)
+    assert result.decode_tokens_per_s is None
+    json.loads(json.dumps(vars(result), allow_nan=False))  # strict JSON: would raise on NaN
+
+
+def test_prepare_generation_chooses_ids_and_moves_inputs():
+    """Argument, else generation_config.json, else the default; pixel_values take the model's dtype."""
+    model = torch.nn.Linear(2, 2).to(torch.float64)
+    ids = torch.tensor([[1, 2, 3]])
+    pixels = torch.zeros(1, 1, 3, 4, 4)
+    config = GenerationConfig(eos_token_id=[7, 8], pad_token_id=9, do_sample=True, temperature=0.5)
+    p = prepare_generation(model, ids, {"pixel_values": pixels, "image_sizes": torch.tensor([[4, 4]])},
+                           generation_config=config, default_eos_token_ids=[1], default_pad_token_id=2)
+    assert (p.eos_token_ids, p.pad_token_id, p.sampling.temperature) == ([7, 8], 9, 0.5)
+    assert p.inputs["pixel_values"].dtype == torch.float64 and p.inputs["image_sizes"].tolist() == [[4, 4]]
+    p = prepare_generation(model, ids, generation_config=GenerationConfig(), default_eos_token_ids=[1],
+                           default_pad_token_id=2)
+    assert (p.eos_token_ids, p.pad_token_id, p.sampling) == ([1], 2, SamplingParams())
+    p = prepare_generation(model, ids, eos_token_ids=(), pad_token_id=0, sampling=SamplingParams(top_k=3),
+                           generation_config=config)
+    assert (p.eos_token_ids, p.pad_token_id, p.sampling.top_k) == ([], 0, 3)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>\nLet me count.\n</think>\n\nThree.", ("Let me count.", "Three.")),
+    ("<think>\n\n</think>\n\nThree.", ("", "Three.")),  # auto mode that chose not to think
+    ("Let me count.\n</think>\n\nThree.", ("Let me count.", "Three.")),  # long mode: prompt ended in <think>\n
+    ("<think>\nStill counting", ("Still counting", "")),  # cut off while thinking
+    (" Three.\n", (None, " Three.\n")),  # short mode: no tags, the text as is
+    ("", (None, "")),
+])
+def test_split_thinking(text, expected):
+    assert split_thinking(text) == expected

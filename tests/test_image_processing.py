@@ -313,7 +313,7 @@ def test_config_errors(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 384, "width": 336}}))
     with pytest.raises(ValueError, match="preprocessor_config.json.*'size'"):
         ImageProcessorConfig.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="multiple of tile size"):
+    with pytest.raises(ValueError, match="multiple of the tile size"):
         ImageProcessorConfig.from_hf_dict({"image_grid_pinpoints": [[400, 800]]})
     with pytest.raises(ValueError, match="'image_mean'"):
         ImageProcessorConfig.from_hf_dict({"image_mean": [0.5, 0.5]})

@@ -11,25 +11,26 @@ import torch.nn as nn
 from r4b_core.lora import LoRALinear, apply_lora, load_lora, lora_modules, lora_state_dict, merge_lora, save_lora
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.processor import R4BProcessor
-from r4b_core.shapes_data import shape_conversation, shape_example
-from r4b_core.synthetic import make_synthetic_checkpoint
 from r4b_core.training import apply_activation_checkpointing, param_groups
+from r4b_core.training_data import build_training_example, collate
 from r4b_weights.export import save_hf_checkpoint
+from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, on the path via conftest.py
 
 DECODER_QKVO = {f"language_model.model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_synthetic_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=7)
+def ckpt(tiny_checkpoint):
+    """The session's shared tiny checkpoint (conftest.py): read-only; each test loads its own model."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def batch(ckpt):
     processor = R4BProcessor.from_pretrained(ckpt)
-    examples = [processor.build_training_example(shape_conversation(answer), [image])
+    examples = [build_training_example(processor, shape_conversation(answer), [image])
                 for image, answer in (shape_example(i, seed=1, size=100) for i in range(2))]
-    return processor.collate(examples)
+    return collate(examples, processor.pad_token_id)
 
 
 def load(ckpt):
@@ -62,7 +63,10 @@ def test_apply_lora_wraps_decoder_qkvo_and_only_adapters_train(ckpt, batch):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{m}.lora_{x}" for m in DECODER_QKVO for x in "AB"}
     q = model.language_model.model.layers[0].self_attn.q_proj
-    assert q.weight is not None and q.lora_A.shape == (4, 64) and q.lora_B.shape == (64, 4) and q.scaling == 2.0
+    # the wrapper holds the base model's own q_proj weight (not a fresh or meta-device one), frozen
+    assert isinstance(q, LoRALinear) and q.weight.device.type == "cpu" and not q.weight.requires_grad
+    assert torch.equal(q.weight, base.language_model.model.layers[0].self_attn.q_proj.weight)
+    assert q.lora_A.shape == (4, 64) and q.lora_B.shape == (64, 4) and q.scaling == 2.0
     assert (q.lora_B == 0).all() and q.lora_A.abs().sum() > 0
     # the base names are unchanged; B = 0 so the adapted model starts as the base model, exactly
     assert set(model.state_dict()) == set(base.state_dict()) | {f"{m}.lora_{x}" for m in DECODER_QKVO for x in "AB"}

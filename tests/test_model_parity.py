@@ -38,10 +38,10 @@ def write_checkpoint(directory, pinpoints=None, aspect_ratio=None, tie=False, se
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    """(checkpoint dir, ours, transformers reference) for the tiny preset (R-4B's 5 pinpoints)."""
-    directory = write_checkpoint(tmp_path_factory.mktemp("tiny"))
-    return directory, R4BForConditionalGeneration.from_pretrained(directory), build_reference_model(directory)
+def tiny_pair(tiny_checkpoint, tiny_model, tiny_reference):
+    """(checkpoint dir, ours, transformers reference) for the tiny preset (R-4B's 5 pinpoints): the session's
+    shared ones (conftest.py), read-only; write_checkpoint() with no arguments writes the same checkpoint."""
+    return tiny_checkpoint, tiny_model, tiny_reference
 
 
 def image_prompt(config, sizes_per_sample, seed=0, text_before=5, text_after=7):
@@ -144,23 +144,24 @@ def test_tied_lm_head_checkpoint(tmp_path):
     assert diff <= TOL
 
 
-def _reference_vision_tower(directory, ours):
+def _reference_vision_tower(ours, ref):
+    """transformers' SiglipVisionModel holding a copy of the reference model's vision tower weights."""
     ref_cfg = reference_config(ours.config)
     tower = transformers.SiglipVisionModel(ref_cfg.vision_config)
-    tower.load_state_dict(build_reference_model(directory).model.vision_tower.state_dict())
+    tower.load_state_dict(ref.model.vision_tower.state_dict())
     return tower.eval()
 
 
 @pytest.mark.parametrize("layer", [-1, -2, 0, 1, [-2, -1]])
 def test_vision_features_match_siglip_hidden_states(tiny_pair, layer):
-    directory, ours, _ = tiny_pair
-    tower = _reference_vision_tower(directory, ours)
+    _, ours, ref = tiny_pair
+    tower = _reference_vision_tower(ours, ref)
     pixels = torch.randn(3, 3, TILE, TILE, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = tower(pixels, output_hidden_states=True)
         layers = layer if isinstance(layer, list) else [layer]
         want = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
-        got = ours.vision_tower(pixels, layer)
+        got = ours.vision_tower(pixels, layer).features
         assert (got - want).abs().max() <= 1e-5
         assert (ours.vision_tower.last_hidden_state(pixels) - out.last_hidden_state).abs().max() <= 1e-5
     assert len(out.hidden_states) == ours.config.vision_config.num_hidden_layers + 1

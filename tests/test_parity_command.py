@@ -4,15 +4,19 @@ implementation is caught and the first diverging stage is named."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from torch.nn.modules.module import register_module_forward_hook
 
 from r4b_core import projector as projector_module
 from r4b_core.cli import build_parser, main
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.parity import run_parity
+from r4b_core.siglip import SiglipVisionTransformer
 from r4b_core.synthetic import cached_synthetic_checkpoint
 
 EXPECTED_STAGES = ["pixel_values", "vision_features", "projected_features", "packed_features", "input_embeddings",
@@ -45,9 +49,28 @@ def test_parity_json_on_the_builtin_checkpoint(cache_env, capsys):
 
 
 def test_parity_table(cache_env, capsys):
-    assert main(["parity", "--model", str(cache_env)]) == 0
+    assert main(["parity", "--model", str(cache_env), "--device", "cpu", "--dtype", "auto",
+                 "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "PASSED" in out and "decoder_layer_1" in out and "greedy_tokens" in out
+    assert "float32 on cpu" in out  # auto: the synthetic checkpoint's config.json says float32
+
+
+def test_parity_runs_each_vision_tower_once(cache_env):
+    calls = Counter()
+    towers = {SiglipVisionTransformer: "ours", transformers.SiglipVisionModel: "transformers"}
+
+    def count(module, args, output):
+        if type(module) in towers:
+            calls[towers[type(module)]] += 1
+
+    handle = register_module_forward_hook(count)
+    try:
+        report = run_parity(cache_env, greedy_tokens=4)
+    finally:
+        handle.remove()
+    assert report.passed
+    assert calls == {"ours": 1, "transformers": 1}  # every stage, greedy decoding included, from one run each
 
 
 def _tanh_gelu_projector(self, features):

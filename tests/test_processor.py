@@ -1,6 +1,6 @@
 """The processor: chat templates rendered exactly as transformers renders them, <image> expansion, left
 padding, the model fed end to end (vs the transformers reference), checkpoint consistency checks and
-every input error. Checkpoints come from make_synthetic_checkpoint (tiny preset: 56-pixel tiles, so a
+every input error. The checkpoint is the session's tiny synthetic one (conftest.py; 56-pixel tiles, so a
 view is 4 x 4 = 16 patches and an image of a multi-image sample costs 16 + 1 tokens)."""
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from r4b_core.processor import (
     THINKING_MODES,
     ChatTemplateError,
     R4BProcessor,
-    split_thinking,
 )
-from r4b_core.synthetic import make_synthetic_checkpoint
 
 IMAGE_ID, PAD_ID, IM_END_ID, THINK_ID, END_THINK_ID = 151669, 151643, 151645, 151667, 151668
 PROCESSOR_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -32,8 +30,9 @@ PROCESSOR_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", 
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_synthetic_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+def ckpt(tiny_checkpoint):
+    """The session's shared tiny checkpoint (conftest.py): read-only here."""
+    return tiny_checkpoint
 
 
 def copy_processor_files(src, dst):
@@ -303,11 +302,8 @@ def test_multi_image_prompt(processor):
     assert [n for _, n in runs(flat["input_ids"][0].tolist(), IMAGE_ID)] == [51]
 
 
-def test_model_runs_on_processor_output_and_matches_reference(ckpt, processor):
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.parity import build_reference_model
-
-    ours, ref = R4BForConditionalGeneration.from_pretrained(ckpt), build_reference_model(ckpt)
+def test_model_runs_on_processor_output_and_matches_reference(processor, tiny_model, tiny_reference):
+    ours, ref = tiny_model, tiny_reference  # the session's, of the same checkpoint as the processor's files
     batch = [
         CONVERSATIONS["image_then_text"],
         [{"role": "user", "content": "No picture here, just a question to answer."}],
@@ -425,15 +421,3 @@ def test_encode_decode(processor, hf_tokenizer):
     # <think> / </think> are not special: they survive skip_special_tokens (VLMEvalKit relies on this)
     assert processor.decode(torch.tensor(ids)) == hf_tokenizer.decode(ids, skip_special_tokens=True)
     assert processor.decode(ids) == "assistant\n<think>\nFirst, count the shapes.\n</think>\n\nThe answer is 3."
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("<think>\nLet me count.\n</think>\n\nThree.", ("Let me count.", "Three.")),
-    ("<think>\n\n</think>\n\nThree.", ("", "Three.")),  # auto mode that chose not to think
-    ("Let me count.\n</think>\n\nThree.", ("Let me count.", "Three.")),  # long mode: prompt ended in <think>\n
-    ("<think>\nStill counting", ("Still counting", "")),  # cut off while thinking
-    (" Three.\n", (None, " Three.\n")),  # short mode: no tags, the text as is
-    ("", (None, "")),
-])
-def test_split_thinking(text, expected):
-    assert split_thinking(text) == expected

@@ -43,8 +43,9 @@ def spec_tensor_names(n_text: int, n_vision: int) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_synthetic_checkpoint(tmp_path_factory.mktemp("synthetic"), "tiny", seed=0)
+def tiny_dir(tiny_checkpoint):
+    """The session's shared tiny checkpoint (conftest.py: make_synthetic_checkpoint, preset tiny, seed 0)."""
+    return tiny_checkpoint
 
 
 def test_files_and_tensor_names_follow_r4b_layout(tiny_dir):
@@ -99,10 +100,10 @@ def test_logits_are_not_degenerate(tiny_dir):
     assert (with_image[0, -1] - other_image[0, -1]).abs().max() > 0.1  # the picture matters
 
 
-def test_seed_decides_the_weights(tmp_path):
-    a = load_file(str(make_synthetic_checkpoint(tmp_path / "a", "tiny", seed=1) / "model.safetensors"))
-    b = load_file(str(make_synthetic_checkpoint(tmp_path / "b", "tiny", seed=1) / "model.safetensors"))
-    c = load_file(str(make_synthetic_checkpoint(tmp_path / "c", "tiny", seed=2) / "model.safetensors"))
+def test_seed_decides_the_weights(tmp_path, tiny_dir):
+    a = load_file(str(tiny_dir / "model.safetensors"))  # seed 0
+    b = load_file(str(make_synthetic_checkpoint(tmp_path / "b", "tiny", seed=0) / "model.safetensors"))
+    c = load_file(str(make_synthetic_checkpoint(tmp_path / "c", "tiny", seed=1) / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.language_model.layers.0.self_attn.q_proj.weight"],
                            c["model.language_model.layers.0.self_attn.q_proj.weight"])
@@ -124,7 +125,23 @@ def test_export_round_trip_is_bit_identical(tmp_path, tiny_dir):
     again = R4BForConditionalGeneration.from_pretrained(tmp_path)
     a, b = model.state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "config.json").read_text())["text_config"] == model.config.to_hf_dict()["text_config"]
+    # the exported config.json as transformers reads it, against the tiny preset's values written out by hand
+    import transformers
+
+    exported = transformers.LlavaOnevisionConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    text, vision = exported.text_config, exported.vision_config
+    assert (text.model_type, text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers,
+            text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.max_position_embeddings,
+            text.rms_norm_eps, text.tie_word_embeddings) == ("qwen3", 151936, 64, 128, 2, 4, 2, 16, 4096, 1e-6, False)
+    rope = getattr(text, "rope_parameters", None) or {"rope_theta": text.rope_theta}  # transformers 5.x / 4.x
+    assert rope["rope_theta"] == 1e6 and rope.get("rope_type", "default") == "default"
+    assert (vision.model_type, vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers,
+            vision.num_attention_heads, vision.image_size, vision.patch_size) == (
+        "siglip_vision_model", 32, 64, 2, 2, 56, 14)
+    assert exported.image_token_index == 151669 and exported.vision_aspect_ratio == "anyres_max_9"
+    # R-4B's pinpoints (384-pixel tiles: 1x2, 2x1, 2x2, 3x1, 1x3) on the tiny preset's 56-pixel tiles
+    assert exported.image_grid_pinpoints == [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    assert (exported.vision_feature_layer, exported.vision_feature_select_strategy) == (-1, "full")
 
 
 def _rewrite_tensors(src, dst, rename=lambda n: n, drop=(), replace=None):

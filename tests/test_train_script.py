@@ -23,10 +23,10 @@ from r4b_core.lora import apply_lora, merge_lora
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.parity import build_reference_model
 from r4b_core.processor import R4BProcessor
-from r4b_core.shapes_data import shape_conversation, shape_example
-from r4b_core.synthetic import make_synthetic_checkpoint
 from r4b_core.training import apply_activation_checkpointing, causal_lm_loss_sum, count_target_tokens, param_groups
+from r4b_core.training_data import build_training_example, collate
 from r4b_weights.export import save_hf_checkpoint
+from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, on the path via conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -91,12 +91,12 @@ def test_the_scripts_checkpoint_is_complete(runs):
     R4BProcessor.from_pretrained(out)
 
 
-def test_loss_normalisation_does_not_depend_on_how_the_step_is_split(tmp_path):
+def test_loss_normalisation_does_not_depend_on_how_the_step_is_split(tiny_checkpoint):
     """The script's loss: summed token CE / target tokens of the whole step. Two micro-batches of one give
     the gradient of one batch of two (the property that makes 1 process == 2 processes)."""
-    ckpt = make_synthetic_checkpoint(tmp_path, "tiny", seed=2)
+    ckpt = tiny_checkpoint  # the session's (conftest.py), read-only: the model below is this test's own
     processor = R4BProcessor.from_pretrained(ckpt)
-    examples = [processor.build_training_example(shape_conversation(a), [img])
+    examples = [build_training_example(processor, shape_conversation(a), [img])
                 for img, a in (shape_example(i, seed=3) for i in range(2))]
     examples[1]["labels"][-3:] = -100  # different target counts per example
     model = R4BForConditionalGeneration.from_pretrained(ckpt)
@@ -109,13 +109,14 @@ def test_loss_normalisation_does_not_depend_on_how_the_step_is_split(tmp_path):
             (causal_lm_loss_sum(model(**b).logits, labels) / n).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-    whole = gradient([processor.collate(examples)])
-    split = gradient([processor.collate(examples[:1]), processor.collate(examples[1:])])
+    pad = processor.pad_token_id
+    whole = gradient([collate(examples, pad)])
+    split = gradient([collate(examples[:1], pad), collate(examples[1:], pad)])
     assert (whole - split).norm() <= 1e-5 * whole.norm()
 
 
-def test_export_after_training_loads_in_transformers_with_identical_logits(tmp_path):
-    source = make_synthetic_checkpoint(tmp_path / "source", "tiny", seed=4)
+def test_export_after_training_loads_in_transformers_with_identical_logits(tmp_path, tiny_checkpoint_copy):
+    source = tiny_checkpoint_copy  # a private copy of the session's tiny checkpoint: this test edits its files
     (source / "modeling_r.py").write_text("# the checkpoint's remote code\n")
     config = json.loads((source / "config.json").read_text())
     config["auto_map"] = {"AutoModelForImageTextToText": "modeling_r.RForConditionalGeneration"}
@@ -127,7 +128,7 @@ def test_export_after_training_loads_in_transformers_with_identical_logits(tmp_p
     apply_lora(model, rank=4)
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=5e-2)
     image, answer = shape_example(0, seed=4, size=120)
-    batch = processor.collate([processor.build_training_example(shape_conversation(answer), [image])])
+    batch = collate([build_training_example(processor, shape_conversation(answer), [image])], processor.pad_token_id)
     for _ in range(2):
         model(**batch).loss.backward()
         optimizer.step()

@@ -13,8 +13,6 @@ import torch.distributed as dist
 from r4b_core.lora import apply_lora
 from r4b_core.model import R4BForConditionalGeneration
 from r4b_core.processor import R4BProcessor
-from r4b_core.shapes_data import shape_conversation, shape_example
-from r4b_core.synthetic import make_synthetic_checkpoint
 from r4b_core.training import (
     apply_activation_checkpointing,
     apply_fsdp2,
@@ -26,12 +24,15 @@ from r4b_core.training import (
     freeze,
     param_groups,
 )
+from r4b_core.training_data import build_training_example, collate
 from r4b_weights.export import save_hf_checkpoint
+from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, on the path via conftest.py
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_synthetic_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=5)
+def ckpt(tiny_checkpoint):
+    """The session's shared tiny checkpoint (conftest.py): read-only; each test loads its own model."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def batch(ckpt):
     examples = []
     for i, size in enumerate((150, 56)):
         image, answer = shape_example(i, seed=0, size=size)
-        examples.append(processor.build_training_example(shape_conversation(answer), [image]))
-    return processor.collate(examples)
+        examples.append(build_training_example(processor, shape_conversation(answer), [image]))
+    return collate(examples, processor.pad_token_id)
 
 
 def load(ckpt):
@@ -116,8 +117,22 @@ def test_loss_sum_is_the_model_loss_times_the_token_count(ckpt, batch):
     with torch.no_grad():
         out = model(**batch)
     n = count_target_tokens(batch["labels"])
-    assert n == int((batch["labels"][:, 1:] != -100).sum()) > 0
+    assert n > 0
     assert torch.allclose(causal_lm_loss_sum(out.logits, batch["labels"]), out.loss * n, rtol=1e-6)
+
+
+def test_target_tokens_and_loss_sum_on_hand_made_labels():
+    """Counted by hand: logits at t predict labels[t + 1], so nothing predicts a row's first label (the 7)
+    and the targets are 5, 6 (row 0) and 8 (row 1). Uniform logits over 10 ids cost log(10) per target."""
+    labels = torch.tensor([[-100, 5, 6, -100], [7, -100, -100, 8]])
+    assert count_target_tokens(labels) == 3
+    assert count_target_tokens(torch.full((2, 4), -100)) == 0
+    uniform = torch.zeros(2, 4, 10)
+    assert torch.allclose(causal_lm_loss_sum(uniform, labels), 3 * torch.log(torch.tensor(10.0)), rtol=1e-6)
+    logits = torch.zeros(2, 4, 10)
+    logits[0, 0, 5] = logits[0, 1, 6] = logits[1, 2, 8] = 1e4  # each target predicted with certainty: no loss
+    logits[1, 0, 3] = 1e4  # a position whose label is ignored: its (wrong) prediction must not count
+    assert causal_lm_loss_sum(logits, labels).item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

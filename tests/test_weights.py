@@ -782,3 +782,68 @@ def test_pickle_only_directory_without_config_is_refused_as_pickle(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(PickleCheckpointError, match="pytorch_model.bin"):
         Qwen3ForCausalLM.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading into a module the caller built, and export from any module's config + state_dict
+
+
+class TextHeadOnly(torch.nn.Module):
+    """Not an r4b model class: a Qwen3-shaped module of the test's own, with a TextConfig."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3ForCausalLM(config).model
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+def test_load_text_weights_fills_a_module_built_on_meta(tmp_path):
+    d, model = saved(tmp_path / "ckpt")
+    directory, config_path, raw = r4b_weights.open_checkpoint(d)
+    with torch.device("meta"):
+        target = TextHeadOnly(model.config)
+    loaded = r4b_weights.load_text_weights(target, directory, config_path, raw, dtype="float32")
+    assert loaded is target
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert_same_state(loaded, model)
+
+
+def test_loader_checks_the_module_config_type(tmp_path):
+    d, model = saved(tmp_path / "ckpt")
+    directory, config_path, raw = r4b_weights.open_checkpoint(d)
+    with pytest.raises(TypeError, match="R4BConfig"):
+        r4b_weights.load_r4b_weights(Qwen3ForCausalLM(model.config), directory, config_path, raw)
+
+
+def test_meta_buffer_no_checkpoint_fills_is_refused_before_reading(tmp_path, monkeypatch):
+    d, model = saved(tmp_path / "ckpt")
+    directory, config_path, raw = r4b_weights.open_checkpoint(d)
+    with torch.device("meta"):
+        target = TextHeadOnly(model.config)
+        target.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tensor was read before every check had passed")
+
+    monkeypatch.setattr("r4b_weights.loader.iter_tensors", no_reads)
+    with pytest.raises(ValueError, match="scratch"):
+        r4b_weights.load_text_weights(target, directory, config_path, raw)
+
+
+def test_export_takes_the_layout_from_the_config(tmp_path):
+    model = random_model(3)
+    module = TextHeadOnly(model.config)
+    module.load_state_dict(model.state_dict())
+    save_hf_checkpoint(module, tmp_path)
+    assert "model.layers.0.self_attn.q_proj.weight" in file_tensor_names(tmp_path)
+    assert_same_state(Qwen3ForCausalLM.from_pretrained(tmp_path), model)
+
+
+def test_export_refuses_a_module_without_a_known_config_or_name(tmp_path):
+    with pytest.raises(TypeError, match="TextConfig"):
+        save_hf_checkpoint(torch.nn.Linear(2, 2), tmp_path / "a")
+    module = TextHeadOnly(small_text_config())
+    module.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="extra.weight"):
+        save_hf_checkpoint(module, tmp_path / "b")

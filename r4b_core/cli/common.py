@@ -1,0 +1,170 @@
+"""What every ``r4b`` command shares: the parent parser of common options and the helpers behind it.
+
+    --model PATH_OR_HUB_ID   the checkpoint (a local directory or a hub id such as YannQi/R-4B)
+    --revision REV           the hub revision (branch, tag or commit) when --model is a hub id
+    --device DEVICE          the torch device (default cpu)
+    --dtype {auto,float32,bfloat16,float16}
+                             the compute dtype (default float32); auto: the dtype in the checkpoint's
+                             config.json
+    --threads N              torch CPU threads (default: $OMP_NUM_THREADS, else the physical cores)
+
+Each command module adds its own options next to these and reads them through the helpers below,
+so one flag means one thing in every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_DTYPE = "float32"
+
+
+class UsageError(ValueError):
+    """The command line itself is inconsistent (e.g. two checkpoints given); exit status 2, as argparse's."""
+
+
+def common_options() -> argparse.ArgumentParser:
+    """The parent parser every subcommand is built with (``parents=[common_options()]``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("options every r4b command takes")
+    group.add_argument("--model", metavar="PATH_OR_HUB_ID",
+                       help="the checkpoint: a local directory or a hub id such as YannQi/R-4B (make-synthetic: the "
+                            "directory to write); without it, commands that can run on the built-in random-init "
+                            "synthetic checkpoint use that (written to $R4B_CACHE, default ~/.cache/r4b, on first use)")
+    group.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default cpu)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES,
+                       help=f"compute dtype (default {DEFAULT_DTYPE}); auto: the dtype in the checkpoint's config.json "
+                            "(float32 when it names none). make-synthetic: the stored dtype (default bfloat16 for "
+                            "--preset r4b, else float32)")
+    group.add_argument("--threads", type=positive_int, metavar="N",
+                       help="torch CPU threads (default: $OMP_NUM_THREADS if set, else the physical cores this "
+                            "process may use)")
+    return parent
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's thread count from ``--threads`` / OMP_NUM_THREADS / the physical cores (r4b_core/threads.py)."""
+    from r4b_core.threads import configure_threads
+
+    configure_threads(getattr(args, "threads", None))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan / inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def add_max_new_tokens(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``--max-new-tokens N``: the one spelling of "how many tokens to generate" in every command."""
+    parser.add_argument("--max-new-tokens", type=positive_int, default=default, metavar="N",
+                        help=f"{what} (default {default})")
+
+
+def torch_device(name: str) -> torch.device:
+    """``--device`` as a torch device this process can use, checked before any weights load."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device ({e}); use e.g. cpu, cuda or cuda:1.") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # e.g. a CPU-only build asked for cuda
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--device {name}: this torch cannot use that device ({reason}); try --device cpu.") from None
+    return device
+
+
+def checkpoint_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """(local checkpoint directory, whether it is the built-in synthetic one): ``--model`` resolved
+    (hub ids downloaded at ``--revision``), else the tiny synthetic checkpoint in the r4b cache."""
+    from r4b_core.synthetic import cached_synthetic_checkpoint
+    from r4b_weights import resolve_checkpoint
+
+    if args.model is None:
+        if args.revision is not None:
+            raise UsageError(f"--revision {args.revision} needs --model (a hub id); without --model the built-in "
+                             "synthetic checkpoint is used.")
+        return cached_synthetic_checkpoint("tiny"), True
+    return resolve_checkpoint(args.model, args.revision), False
+
+
+def compute_dtype(name: str | None, directory: Path | None = None) -> torch.dtype:
+    """The torch dtype of ``--dtype``: None -> float32; 'auto' -> ``directory``'s config.json dtype
+    (float32 without a checkpoint, e.g. for a random-init preset)."""
+    from r4b_weights import resolve_dtype
+
+    name = name or DEFAULT_DTYPE
+    if name != "auto":
+        return resolve_dtype(name)
+    if directory is None:
+        return resolve_dtype(DEFAULT_DTYPE)
+    from r4b_core.config import read_config_json
+
+    _, raw = read_config_json(directory)
+    return resolve_dtype("auto", raw)
+
+
+def open_image(source: str) -> Image.Image:
+    """An RGB PIL image from a local path or an http(s)/file URL (downloaded into memory)."""
+    from PIL import Image
+
+    from r4b_core.image_processing import load_image
+
+    if "://" not in source:
+        return load_image(Path(source))
+    try:
+        with urllib.request.urlopen(source, timeout=30) as response:
+            data = response.read()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source}: cannot download the image ({e}).") from None
+    try:
+        return load_image(Image.open(io.BytesIO(data)))
+    except OSError as e:
+        raise ValueError(f"{source}: the downloaded data is not an image PIL can read ({e}).") from None
+
+
+def progress_to_stderr(message: str) -> None:
+    """Progress lines go to stderr, so stdout stays the command's result (a table or JSON)."""
+    print(message, file=sys.stderr, flush=True)

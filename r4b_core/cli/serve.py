@@ -1,0 +1,148 @@
+"""``r4b serve``: an OpenAI-compatible chat server (r4b_core/serve/) on 127.0.0.1 by default.
+
+    r4b serve --model DIR|HUB_ID [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] [--max-seq-len N]
+              [--max-queue N] [--thinking-mode auto] [--max-thinking-tokens N] [--compile] [--api-key KEY]
+              [--allow-remote-images] [--allow-local-images DIR] [--device] [--dtype]
+
+Every option is checked before the weights load. The server runs until SIGTERM or Ctrl-C, then stops
+admitting, lets running requests finish (cancelling what is left after --shutdown-timeout) and exits
+with status 0. Binding to an address other than loopback without --api-key prints a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+
+from r4b_core.cli.common import (
+    UsageError,
+    checkpoint_dir,
+    compute_dtype,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    progress_to_stderr,
+    torch_device,
+)
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_QUEUE = 64
+API_KEY_ENV = "R4B_API_KEY"
+
+
+def _port(text: str) -> int:
+    value = non_negative_int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction,
+               parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "serve", parents=parents, help="an OpenAI-compatible chat server with continuous batching",
+        description="Serve the model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, "
+                    "/v1/models, /health): requests are batched continuously over one static KV cache; the "
+                    "thinking goes to reasoning_content and the answer to content.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--served-model-name", metavar="NAME",
+                   help="the model id clients send and /v1/models lists (default: --model as given, or 'r4b')")
+    s.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
+                   help=f"requests decoded together: the KV cache's rows (default {DEFAULT_MAX_BATCH_SIZE})")
+    s.add_argument("--max-seq-len", type=positive_int, metavar="N",
+                   help="tokens per request, prompt + answer: the KV cache's length (default min(4096, the "
+                        "model's max_position_embeddings)); the decode step attends over all of it")
+    s.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help=f"requests waiting for a free slot; past it the server answers 429 (default "
+                        f"{DEFAULT_MAX_QUEUE})")
+    s.add_argument("--thinking-mode", default="auto", choices=["auto", "long", "short"],
+                   help="default for requests without chat_template_kwargs.thinking_mode (default auto)")
+    s.add_argument("--max-thinking-tokens", type=non_negative_int, metavar="N",
+                   help="default thinking budget: after N thinking tokens r4b closes the thinking and the model "
+                        "answers (a request's max_thinking_tokens overrides it; default: no limit)")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (CUDA graphs on GPU); the first step compiles")
+    s.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "triton"],
+                   help="decode attention: auto (Triton on CUDA when supported, else SDPA), sdpa, or triton")
+    s.add_argument("--api-key", metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set, else none)")
+    s.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (size and time limited); default: data: URIs only")
+    s.add_argument("--allow-local-images", metavar="DIR", type=Path,
+                   help="read local image files (file:// URLs or paths), only inside DIR (symlinks resolved)")
+    s.add_argument("--max-image-pixels", type=positive_int, metavar="N",
+                   help="refuse images with more pixels, before decoding them (default 40,000,000)")
+    s.add_argument("--max-body-mb", type=finite_float, default=32.0, metavar="MB",
+                   help="largest request body in MiB; larger ones get 413 (default 32)")
+    s.add_argument("--shutdown-timeout", type=finite_float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, let running requests finish for this long, then cancel them "
+                        "(default 30)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
+    return s
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import fastapi  # noqa: F401  (a missing 'serve' extra is reported before the weights load)
+    import uvicorn  # noqa: F401
+
+    from r4b_core.config import R4BConfig
+    from r4b_core.model import R4BForConditionalGeneration
+    from r4b_core.processor import R4BProcessor
+    from r4b_core.serve.api import ServerConfig, create_app
+    from r4b_core.serve.engine import Engine
+    from r4b_core.serve.images import DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy
+    from r4b_core.serve.server import serve_forever
+
+    if args.max_body_mb <= 0 or args.shutdown_timeout < 0:
+        raise UsageError("--max-body-mb must be positive and --shutdown-timeout at least 0.")
+    local_dir = args.allow_local_images
+    if local_dir is not None and not local_dir.expanduser().is_dir():
+        raise UsageError(f"--allow-local-images {local_dir}: not a directory.")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and api_key is None:
+        progress_to_stderr(f"r4b serve: warning: listening on {args.host} without --api-key; anyone who can reach "
+                           "this address can use the model.")
+    device = torch_device(args.device)
+    directory, synthetic = checkpoint_dir(args)
+    dtype = compute_dtype(args.dtype, directory)
+    positions = R4BConfig.from_pretrained(directory).text_config.max_position_embeddings
+    if args.max_seq_len is not None and not 2 <= args.max_seq_len <= positions:
+        raise UsageError(f"--max-seq-len {args.max_seq_len}: must be in 2..{positions} (the model's "
+                         "max_position_embeddings).")
+    if synthetic:
+        progress_to_stderr(f"(no --model: serving the random-init synthetic checkpoint {directory}; its text is "
+                           "random)")
+    processor = R4BProcessor.from_pretrained(directory)
+    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True)
+    generation_config = processor.generation_config
+    pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
+    engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+                    eos_token_ids=processor.eos_token_ids, pad_token_id=pad, compile=args.compile,
+                    attention_backend=args.attention_backend)
+    name = args.served_model_name or args.model or "r4b"
+    config = ServerConfig(
+        model_name=name, api_key=api_key, thinking_mode=args.thinking_mode,
+        max_thinking_tokens=args.max_thinking_tokens, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        images=ImagePolicy(allow_remote=args.allow_remote_images,
+                           local_dir=None if local_dir is None else local_dir.expanduser(),
+                           max_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS),
+        shutdown_deadline_s=args.shutdown_timeout)
+    app = create_app(engine, processor, config)
+    progress_to_stderr(f"r4b serve: model {name!r} ({directory}, {dtype}, {device}); {args.max_batch_size} slots x "
+                       f"{engine.max_seq_len} tokens; http://{args.host}:{args.port}/v1")
+    serve_forever(app, engine, args.host, args.port, deadline_s=args.shutdown_timeout, log_level=args.log_level)
+    progress_to_stderr("r4b serve: stopped")
+    return 0
