@@ -193,12 +193,19 @@ def render_chat_template(source: str, conversation: Sequence[Any], add_generatio
     import jinja2
 
     template = compile_chat_template(source)
-    variables = plain_template_data({**special_tokens, **kwargs})
+    reserved = sorted({"messages", "add_generation_prompt"} & kwargs.keys())
+    if reserved:
+        raise ValueError(f"template variable(s) {reserved} are set from the arguments; do not pass them as extras.")
+    variables = plain_template_data({"tools": None, "documents": None, **special_tokens, **kwargs})
+    messages = _template_messages(conversation)
     try:
-        return template.render(messages=_template_messages(conversation), tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **variables)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"chat template: {e}") from e
+    except Exception as e:  # the template's own code failed on these messages (e.g. iterating an int content)
+        raise ChatTemplateError(
+            f"chat template: rendering failed ({type(e).__name__}: {e}); check the messages: 'content' should be "
+            "a string or a list of {'type': 'text' | 'image', ...} parts.") from e
 
 
 # ---------------------------------------------------------------------------------------------
