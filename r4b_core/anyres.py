@@ -109,6 +109,8 @@ def grid_shape(image_size: Size, pinpoints: Sequence[Sequence[int]], tile_size: 
     Pinpoints must be multiples of the tile size (transformers' processor would cut a partial last tile
     that its model cannot reshape); anything else is a ValueError (``config.check_pinpoints``).
     """
+    if tile_size is None:  # check_pinpoints skips the multiple check without a tile size
+        raise ValueError("tile_size is None; give the vision tower's image_size (a positive integer).")
     bh, bw = select_best_resolution(image_size, check_pinpoints(pinpoints, tile_size))
     return bh // tile_size, bw // tile_size
 

@@ -122,14 +122,19 @@ class ChatStream:
     and pad ids come from ``generation_config`` when it has them, else from the tokenizer. ``compile``
     and ``attention_backend`` as in ``generate.generate_steps``. ``max_thinking_tokens``: after that many
     thinking tokens, ``</think>`` and the template's separator are forced and the model answers
-    (r4b_core/thinking_budget.py); None: no limit.
+    (r4b_core/thinking_budget.py); None: no limit. ``inputs``: the processor's output for ``messages`` and
+    ``images`` when the caller already made it (e.g. ``r4b generate`` checks the prompt before it loads the
+    weights); None: made here.
     """
 
     def __init__(self, model: torch.nn.Module, processor: R4BProcessor, messages: list[dict], images: Any = None, *,
                  thinking_mode: str = "auto", max_new_tokens: int = 1024, sampling: SamplingParams | None = None,
                  generation_config: GenerationConfig | None = None, compile: bool = False,
-                 attention_backend: str = "auto", max_thinking_tokens: int | None = None) -> None:
-        inputs = processor(messages=messages, images=images, thinking_mode=thinking_mode)
+                 attention_backend: str = "auto", max_thinking_tokens: int | None = None,
+                 inputs: dict | None = None) -> None:
+        if inputs is None:
+            inputs = processor(messages=messages, images=images, thinking_mode=thinking_mode)
+        inputs = dict(inputs)  # popped below; the caller's dict stays as it was
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError("ChatStream streams one conversation; use chat_batch for several.")
         inputs.pop("attention_mask")  # one prompt: no padding

@@ -26,6 +26,10 @@ from r4b_core.generation_config import GenerationConfig, SamplingParams
 from r4b_core.kv_cache import KVCache
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN / Inf logits during generation (broken weights, or float16 overflow)."""
+
+
 def decode_tokens_per_s(token_counts: Sequence[int], decode_time_s: float) -> float | None:
     """Tokens after each sequence's first, summed, per second of decoding; None when fewer than 2 tokens
     of any sequence were decoded (there is no decode phase to time; None stays valid JSON, NaN does not)."""
@@ -127,6 +131,29 @@ def compiled_decode_step(device_type: str) -> Callable[[torch.nn.Module, torch.T
     return _COMPILED_DECODE[device_type]
 
 
+@torch.inference_mode()
+def warm_up_decode_step(model: torch.nn.Module, batch: int, capacity: int, *, compile: bool = False,
+                        attention_backend: str = "auto", steps: int = 2) -> float:
+    """Run the decode step ``steps`` times on a throwaway cache of ``batch`` x ``capacity`` slots (the shape
+    ``generate_steps`` will build), so that compiling it (``compile``) and first-call set-up are paid here and
+    not inside a timed generation; returns the seconds taken. Same shapes, same compiled graph: no recompile."""
+    text_config = getattr(model.config, "text_config", model.config)
+    parameter = next(model.parameters())
+    cache = KVCache.for_model(text_config, batch, capacity, dtype=_model_dtype(model),
+                              device=parameter.device, attention_backend=attention_backend)
+    step = compiled_decode_step(parameter.device.type) if compile else decode_step
+    if compile and parameter.device.type == "cuda":
+        for t in (cache.k, cache.v, cache.seq_lens):
+            torch._dynamo.mark_static_address(t)
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=parameter.device)
+    start = time.perf_counter()
+    for _ in range(min(steps, capacity)):  # each step fills one slot
+        step(model, tokens, cache)
+    if parameter.device.type == "cuda":
+        torch.cuda.synchronize(parameter.device)
+    return time.perf_counter() - start
+
+
 def check_lengths(prompt_len: int, max_new_tokens: int, capacity: int, max_positions: int) -> None:
     """A clear error before any compute when the request cannot fit."""
     if max_new_tokens < 1:
@@ -171,7 +198,8 @@ def generate_steps(
     "sdpa", "triton") picks the decode attention of the cache made here (ignored when ``kv_cache`` is
     given: the cache carries its own). ``token_filter``: sampled tokens [B] -> the tokens to emit and feed
     back (e.g. a ``ThinkingBudget`` forcing ``</think>``). ``inputs`` go to the prefill forward:
-    attention_mask, pixel_values, image_sizes, batch_num_images.
+    attention_mask, pixel_values, image_sizes, batch_num_images. Logits with NaN / Inf for a running
+    sequence raise ``NonFiniteLogitsError`` naming the step, before that step's tokens are yielded.
     """
     batch, prompt_len = input_ids.shape
     text_config = getattr(model.config, "text_config", model.config)
@@ -196,14 +224,26 @@ def generate_steps(
 
     logits = prefill(model, input_ids, kv_cache, **inputs)
     for step in range(max_new_tokens):
+        # NaN / Inf logits of a running sequence: flagged on the device and read back with the "all finished"
+        # flag, in the one host sync per step this loop already had (the decode step itself has none). A row's
+        # fp32 sum is NaN / Inf exactly when the row holds one (finite logits cannot overflow it): one cheap
+        # reduction, where isfinite(logits).all() costs ~30x more on the CPU
+        nonfinite = (~torch.isfinite(logits.sum(dim=-1, dtype=torch.float32)) & ~finished).any()
         tokens = sample_next_token(logits, sampling, generator)
         if token_filter is not None:
             tokens = token_filter(tokens)
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         newly_done = torch.isin(tokens, eos) & ~finished
+        bad, all_done = torch.stack([nonfinite, (finished | newly_done).all()]).tolist()
+        if bad:
+            raise NonFiniteLogitsError(
+                f"generation step {step} (0 = the first new token): the model's logits hold NaN or Inf, so every "
+                "token from here would be noise; generation stopped. Check the weights (r4b inspect --load, or "
+                "from_pretrained(..., check_finite=True)) and the dtype (float16 overflows where bfloat16 does not)."
+            )
         yield tokens, finished.clone()
         finished |= newly_done
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or all_done:
             return
         logits = decode_fn(model, tokens[:, None], kv_cache)
 

@@ -57,6 +57,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed = {self.seed!r} should be an integer from 0 to 2**64 - 1 (what torch.Generator "
+                             "takes).")
 
 
 @dataclass

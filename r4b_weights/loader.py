@@ -13,15 +13,20 @@ This module never imports model classes: it reads the layout it needs from ``mod
 Order of work, so that a bad checkpoint never yields a half-loaded model:
 1. find the safetensors files (index, shards) and read every header (names, shapes; no data);
 2. map HF names to ours through the one table in ``names.py``;
-3. check the config against the tensors, then missing / unexpected / mis-shaped tensors, and
-   raise one error naming the HF tensor, its file and both shapes;
+3. check the config against the tensors, then missing / unexpected / mis-shaped tensors and stored
+   dtypes of the wrong kind (an int32 or bool tensor where the model holds a float), and raise one
+   error naming the HF tensor, its file and both shapes (or dtypes);
 4. only then read the tensors (mmap, one at a time), cast each to the requested dtype, and
    ``load_state_dict(strict=True, assign=True)``; tie lm_head when the config says so.
+   With ``check_finite=True`` each tensor is checked for NaN / Inf as it is read.
+The device is checked (r4b_core/devices.py) before step 1.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -30,11 +35,14 @@ import torch
 import torch.nn as nn
 
 from r4b_core.config import R4BConfig, TextConfig, read_config_json
+from r4b_core.devices import check_device
 from r4b_weights.errors import (
     ConfigMismatchError,
     CorruptCheckpointError,
     MissingTensorError,
+    NonFiniteTensorError,
     ShapeMismatchError,
+    TensorDtypeError,
     UnexpectedTensorError,
     name_list,
 )
@@ -131,10 +139,70 @@ def _check_config(
         raise ConfigMismatchError(f"{config_path} disagrees with the checkpoint's tensors: " + "; ".join(problems) + ".")
 
 
-def _progress_bar(total: int, label: str):
-    from tqdm.auto import tqdm  # a dependency of huggingface_hub
+class _LoadProgress:
+    """Loading progress on stderr: a progress bar on a terminal; otherwise (a log file, a pipe, CI) one plain
+    line at the start and one at the end, since a bar redrawn with carriage returns is unreadable there."""
 
-    return tqdm(total=total, desc=f"loading {label}", unit="tensor", leave=False)
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.start = total, label, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm  # a dependency of huggingface_hub
+
+            self.bar = tqdm(total=total, desc=f"loading {label}", unit="tensor", leave=False)
+        else:
+            print(f"loading {label}: {total} tensors ...", file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(f"loaded {self.label}: {self.total} tensors in {time.perf_counter() - self.start:.1f} s",
+                  file=sys.stderr, flush=True)
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype names; F8_* are floating too
+
+
+def _stored_as_float(dtype: str) -> bool:
+    return dtype in _FLOAT_DTYPES or dtype.startswith("F8")
+
+
+def _check_dtypes(expected: dict[str, torch.dtype], hf_name: dict[str, str], infos: dict[str, TensorInfo]) -> None:
+    """Every tensor's stored dtype is of the kind the model holds there (float vs integer / bool); from the
+    headers, so before any tensor data is read."""
+    wrong = []
+    for name, want in expected.items():
+        info = infos[hf_name[name]]
+        if want.is_floating_point != _stored_as_float(info.dtype):
+            kind = "a floating-point dtype (F32, BF16, F16)" if want.is_floating_point else f"{want}"
+            wrong.append(f"'{hf_name[name]}' in {info.file.name} is stored as {info.dtype}, expected {kind}")
+    if wrong:
+        more = f" ... and {len(wrong) - 8} more" if len(wrong) > 8 else ""
+        raise TensorDtypeError(f"{info.file.parent}: wrong tensor dtype(s): {'; '.join(wrong[:8])}{more}. The file "
+                               "was written with the wrong dtype (or is not this model's checkpoint); re-export it.")
+
+
+def _check_finite(name: str, info: TensorInfo, tensor: torch.Tensor) -> None:
+    """``check_finite``: NaN / Inf in a floating tensor is an error naming it (the stored dtype and the dtype
+    it was cast to, since a cast to float16 can overflow)."""
+    if not tensor.is_floating_point():
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    n_nan, n_inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    first = int((~finite).flatten().nonzero()[0])
+    cast = " (after the cast to float16)" if tensor.dtype == torch.float16 and info.dtype != "F16" else ""
+    raise NonFiniteTensorError(
+        f"tensor '{name}' in {info.file} ({info.dtype}, shape {list(info.shape)}) holds {n_nan} NaN and {n_inf} Inf "
+        f"value(s){cast}, the first at flat index {first}; the checkpoint is corrupt or was saved after training "
+        "diverged" + (", or the values overflow float16: load it in float32 or bfloat16" if cast else "") + "."
+    )
 
 
 def load_checkpoint_into(
@@ -149,6 +217,7 @@ def load_checkpoint_into(
     layer_counts: list[tuple[str, str, int]],
     config_path: str,
     progress: bool = False,
+    check_finite: bool = False,
 ) -> None:
     """Fill ``model`` (normally built on the meta device) from the safetensors in ``directory``; see the
     module docstring. Every check runs before a tensor is read; on return every parameter and buffer
@@ -158,7 +227,9 @@ def load_checkpoint_into(
     UnknownTensorName for names no rule covers). to_hf_name: the inverse, for messages.
     tied: model name -> the model name it shares storage with (not read from the checkpoint).
     layer_counts: (regex with the layer index as group 1, config key, expected count).
-    progress: show a progress bar (on stderr) while tensors are read.
+    progress: show a progress bar (on stderr) while tensors are read (plain lines when stderr is not a terminal).
+    check_finite: check every floating tensor for NaN / Inf as it is read (NonFiniteTensorError naming the
+    first, by HF name and file); it costs one pass over the weights.
     """
     files, index = find_weight_files(directory)
     infos = read_headers(files, index)
@@ -181,7 +252,8 @@ def load_checkpoint_into(
     shapes = {name: infos[hf].shape for name, hf in hf_name.items()}
     _check_config(config_checks, layer_counts, shapes, hf_name, infos, config_path)
 
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in tied}
+    model_state = {n: t for n, t in model.state_dict().items() if n not in tied}
+    expected = {n: tuple(t.shape) for n, t in model_state.items()}
     missing = [n for n in expected if n not in hf_name]
     unexpected += [hf for name, hf in hf_name.items() if name not in expected]
     where = f"{directory} ({', '.join(f.name for f in files)})"
@@ -204,6 +276,7 @@ def load_checkpoint_into(
             for n, want, got in wrong[:8]
         )
         raise ShapeMismatchError(f"{where}: wrong tensor shape(s): {detail}.")
+    _check_dtypes({n: t.dtype for n, t in model_state.items()}, hf_name, infos)
     persistent = set(model.state_dict())
     stranded = [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
     if stranded:
@@ -217,12 +290,14 @@ def load_checkpoint_into(
         by_file[infos[hf].file].append(hf)
     model_name = {hf: name for name, hf in hf_name.items()}
     state: dict[str, torch.Tensor] = {}
-    bar = _progress_bar(sum(len(n) for n in by_file.values()), directory.name) if progress else None
+    bar = _LoadProgress(sum(len(n) for n in by_file.values()), directory.name) if progress else None
     for path, names in by_file.items():
         for hf, tensor in iter_tensors(path, names, dtype, device):
+            if check_finite:
+                _check_finite(hf, infos[hf], tensor)
             state[model_name[hf]] = tensor
             if bar is not None:
-                bar.update(1)
+                bar.update()
     if bar is not None:
         bar.close()
     for name, source in tied.items():
@@ -253,6 +328,7 @@ def load_text_weights(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    check_finite: bool = False,
 ) -> nn.Module:
     """Load a Qwen3 checkpoint, or the text side of an R-4B one, into ``model``; returns ``model``.
 
@@ -260,7 +336,10 @@ def load_text_weights(
     ``TextConfig`` parsed from ``config_path``; ``raw`` is that config.json as read (it tells an R-4B
     checkpoint from a plain Qwen3 one, and gives the dtype for ``dtype='auto'``).
     dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
+    device: checked first (r4b_core/devices.py), before any tensor is read. check_finite: see
+    ``load_checkpoint_into``.
     """
+    device = check_device(device)
     config = getattr(model, "config", None)
     if not isinstance(config, TextConfig):
         raise TypeError(f"load_text_weights: model.config is a {type(config).__name__}; expected the TextConfig "
@@ -283,6 +362,7 @@ def load_text_weights(
                        config.num_hidden_layers)],
         config_path=str(config_path),
         progress=progress,
+        check_finite=check_finite,
     )
     return model.to(device)
 
@@ -295,13 +375,16 @@ def load_r4b_weights(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    check_finite: bool = False,
 ) -> nn.Module:
     """Load a checkpoint in R-4B's layout (or the legacy LLaVA spelling) into ``model``; returns ``model``.
 
     ``model`` has the full model's parameter names (``language_model.*``, ``vision_tower.*``,
     ``multi_modal_projector.*``, ``image_newline``) and its ``config`` is the ``R4BConfig`` parsed from
-    ``config_path``; ``raw`` is that config.json as read (for ``dtype='auto'``).
+    ``config_path``; ``raw`` is that config.json as read (for ``dtype='auto'``). ``device`` is checked
+    first; ``check_finite``: see ``load_checkpoint_into``.
     """
+    device = check_device(device)
     config = getattr(model, "config", None)
     if not isinstance(config, R4BConfig):
         raise TypeError(f"load_r4b_weights: model.config is a {type(config).__name__}; expected the R4BConfig "
@@ -319,6 +402,7 @@ def load_r4b_weights(
         ],
         config_path=str(config_path),
         progress=progress,
+        check_finite=check_finite,
     )
     return model.to(device)
 

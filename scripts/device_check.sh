@@ -20,12 +20,13 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     export TRITON_INTERPRET=1
     python scripts/kernel_check.py --dry-run --json "$out_dir/kernel.json"
     python -m r4b_core.cli bench --preset tiny --device cpu --prompt-tokens 32 --max-new-tokens 4 --repeats 1 \
-        --no-compile --json > "$out_dir/bench.json"
+        --max-repeats 1 --no-compile --load-repeats 1 --json > "$out_dir/bench.json"
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     python scripts/kernel_check.py --json "$out_dir/kernel.json"
+    # bf16 only (int8 has a CPU kernel only) and no load timing (it would write an 8 GB synthetic checkpoint)
     python -m r4b_core.cli bench --preset r4b --dtype bfloat16 --device cuda --prompt-tokens 512 \
-        --max-new-tokens 128 --repeats 3 --json > "$out_dir/bench.json"
+        --max-new-tokens 128 --repeats 3 --max-repeats 4 --variants bfloat16 --no-load --json > "$out_dir/bench.json"
 fi
 python scripts/device_report.py "$out_dir/kernel.json" "$out_dir/bench.json"

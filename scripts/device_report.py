@@ -24,17 +24,21 @@ def main(kernel_path: str, bench_path: str) -> int:
     for r in timing["rows"]:
         print(f"{r['context']:>8} {r['triton_us']:>10.1f} {fmt(r['sdpa_flash_us']):>9} "
               f"{fmt(r['sdpa_efficient_us']):>9} {r['roofline_us']:>12.1f} {100 * r['fraction_of_copy_bandwidth']:>10.1f}%")
-    decode = bench["decode_tokens_per_s"]
     print(f"r4b bench · {bench['model']} · {bench['dtype']} · prompt {bench['prompt_tokens']} · "
-          f"{bench['new_tokens']} new tokens")
-    print(f"  prefill text {1e3 * bench['prefill_text_s']['median']:.1f} ms · image "
-          f"({bench['image_prompt_tokens']} tokens) {1e3 * bench['prefill_image_s']['median']:.1f} ms")
-    for name, t in decode.items():
-        print(f"  {name:<14} {t['median']:8.1f} tokens/s  ({100 * bench['fraction_of_limit'][name]:.1f} % of "
-              f"{bench['bandwidth_limit_tokens_per_s']:.0f} tokens/s limit)")
-    if "ratio_ours_vs_transformers" in bench:
-        print(f"  ours / transformers {bench['ratio_ours_vs_transformers']:.2f}x · peak memory "
-              f"{bench['peak_memory_bytes'] / 1024**3:.1f} GiB")
+          f"{bench['max_new_tokens']} new tokens")
+    prefill = bench.get("prefill", {})
+    for stage in ("prefill_text", "prefill_image", "vision"):
+        if stage in prefill:
+            sides = " · ".join(f"{side} {1e3 * t['median_s']:.1f} ms" for side, t in prefill[stage].items()
+                               if isinstance(t, dict))
+            print(f"  {stage:<14} {sides}")
+    for name, v in bench["decode"].items():
+        print(f"  {name:<30} {v['tokens_per_s']:8.1f} tokens/s  ({100 * v['share_of_limit']:.1f} % of its "
+              f"{v['limit_tokens_per_s']:.0f} tokens/s limit)")
+    ratios = [f"batch {b} {bench[f'batch{b}_throughput_ratio_ours_vs_transformers']:.2f}x" for b in (1, 4, 8)
+              if f"batch{b}_throughput_ratio_ours_vs_transformers" in bench]
+    print(f"  ours / transformers decode: {', '.join(ratios) or 'n/a'} · peak memory "
+          f"{bench['peak_memory_bytes'] / 1024**3:.1f} GiB")
     return 0 if ok else 1
 
 

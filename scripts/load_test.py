@@ -1,12 +1,13 @@
 """Load test for ``r4b serve``: loopback only, with a bounded number of requests and a time limit.
 
-    python scripts/load_test.py sweep [--concurrency 1,4,8] [--requests-per-level 16] [--max-tokens 48]
+    python scripts/load_test.py sweep [--concurrency 1,4,8] [--requests-per-client 2] [--rounds 3] [--max-tokens 48]
     python scripts/load_test.py soak  [--requests 200] [--concurrency 8]
 
-sweep: at each concurrency, that many clients stream requests of one prompt length and exactly
-``--max-tokens`` new tokens (``ignore_eos``) until ``--requests-per-level`` are done; it reports the
-aggregate decode rate (completion tokens per second of wall time, all clients together), time to
-first token and request latency (p50 / p95), and each level's rate relative to concurrency 1.
+sweep: at each concurrency, that many clients each stream ``--requests-per-client`` requests of one
+prompt length and exactly ``--max-tokens`` new tokens (``ignore_eos``); the levels run in turn, for
+``--rounds`` rounds. It reports the aggregate decode rate (completion tokens per second of wall time,
+all clients together; the median over rounds), time to first token and request latency (p50 / p95),
+and each level's rate relative to the first level (the median of the per-round ratios).
 
 soak: ``--requests`` requests with random prompt lengths (``--min/--max-prompt-words``) and random
 output lengths (1..``--max-tokens``), half of them streamed, at ``--concurrency``; it reports how
@@ -227,18 +228,31 @@ class StartedServer:
 
 
 def sweep(args, url: str, model: str, deadline: float) -> dict:
+    """Each round runs every level once, in order (rounds alternate the levels, so a load that drifts on a
+    shared machine hits them alike); per level: the median rate over rounds, and the median of its
+    per-round ratio to the first level."""
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_words))
+    runs: dict[int, list[tuple[list[Result], float, int]]] = {c: [] for c in args.concurrency}
+    for round_index in range(args.rounds):
+        for concurrency in args.concurrency:
+            jobs = [dict(prompt=f"{round_index}.{i}: {prompt}", max_tokens=args.max_tokens, stream=True,
+                         ignore_eos=True) for i in range(concurrency * args.requests_per_client)]
+            runs[concurrency].append(run_batch(url, model, jobs, concurrency, deadline, args.timeout))
+            rate = summarize(*runs[concurrency][-1][:2])["tokens_per_s"]
+            print(f"round {round_index + 1}/{args.rounds} concurrency {concurrency}: {rate} tokens/s", file=sys.stderr,
+                  flush=True)
+    first = args.concurrency[0]
     levels = {}
-    for concurrency in args.concurrency:
-        jobs = [dict(prompt=f"{i}: {prompt}", max_tokens=args.max_tokens, stream=True, ignore_eos=True)
-                for i in range(max(args.requests_per_level, concurrency))]
-        results, wall, skipped = run_batch(url, model, jobs, concurrency, deadline, args.timeout)
-        levels[concurrency] = {**summarize(results, wall), "skipped": skipped}
-        print(f"concurrency {concurrency}: {levels[concurrency]['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
-    base = levels.get(args.concurrency[0], {}).get("tokens_per_s")
-    for level in levels.values():
-        level["speedup_vs_first"] = round(level["tokens_per_s"] / base, 2) if base and level["tokens_per_s"] else None
-    return {"mode": "sweep", "prompt_words": args.prompt_words, "max_tokens": args.max_tokens, "levels": levels}
+    for concurrency, rounds in runs.items():
+        rates = [summarize(results, wall)["tokens_per_s"] or 0.0 for results, wall, _ in rounds]
+        base = [summarize(results, wall)["tokens_per_s"] or float("nan") for results, wall, _ in runs[first]]
+        ratios = [rate / b for rate, b in zip(rates, base)]
+        pooled = summarize([r for results, _, _ in rounds for r in results], sum(wall for _, wall, _ in rounds))
+        levels[concurrency] = {**pooled, "tokens_per_s": round(statistics.median(rates), 2),
+                               "tokens_per_s_rounds": rates, "speedup_vs_first": round(statistics.median(ratios), 2),
+                               "skipped": sum(skipped for _, _, skipped in rounds)}
+    return {"mode": "sweep", "prompt_words": args.prompt_words, "max_tokens": args.max_tokens, "rounds": args.rounds,
+            "levels": levels}
 
 
 def soak(args, url: str, model: str, deadline: float, pid: int | None) -> dict:
@@ -279,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=8, help="slots of the server started here (default 8)")
     p.add_argument("--max-seq-len", type=int, default=1024, help="its --max-seq-len (default 1024)")
     p.add_argument("--concurrency", default="1,4,8", help="sweep levels (soak uses the last; default 1,4,8)")
-    p.add_argument("--requests-per-level", type=int, default=16, help="sweep: requests per level (default 16)")
+    p.add_argument("--requests-per-client", type=int, default=2, help="sweep: requests per client (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="sweep: rounds over the levels (default 3)")
     p.add_argument("--requests", type=int, default=200, help="soak: number of requests (default 200)")
     p.add_argument("--prompt-words", type=int, default=32, help="sweep: prompt length in words (default 32)")
     p.add_argument("--min-prompt-words", type=int, default=1, help="soak: shortest prompt (default 1)")
@@ -292,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if min(args.concurrency) < 1 or args.requests < 1 or args.max_tokens < 1 or args.requests_per_level < 1:
+    counts = (args.requests, args.max_tokens, args.requests_per_client, args.rounds)
+    if min(args.concurrency) < 1 or min(counts) < 1:
         p.error("concurrency, request counts and --max-tokens must be positive")
     if args.url is not None and not is_loopback(args.url):
         p.error(f"--url {args.url}: this load test only talks to a loopback address (127.0.0.1, ::1, localhost)")
@@ -331,7 +347,8 @@ def format_report(report: dict) -> str:
     lines = [f"server {report['url']} model {report['model']}; {report['cpu_count']} CPUs, load average "
              f"{', '.join(f'{x:.1f}' for x in report['load_average'])} (a shared machine: figures are indicative)"]
     if report["mode"] == "sweep":
-        lines.append(f"{report['max_tokens']} tokens per request (ignore_eos), {report['prompt_words']}-word prompt")
+        lines.append(f"{report['max_tokens']} tokens per request (ignore_eos), {report['prompt_words']}-word prompt, "
+                     f"{report['rounds']} rounds (tokens/s: median over rounds)")
         lines.append("concurrency  done/req  tokens/s  vs first  TTFT p50/p95 s  latency p50/p95 s  failed  lost")
         for c, r in report["levels"].items():
             lines.append(f"{c:>11}  {r['completed']:>4}/{r['requests']:<3}  {_s(r['tokens_per_s']):>8}  "

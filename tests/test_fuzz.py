@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -94,6 +94,7 @@ def r4b_result(fn, *args, **kwargs):
         if not _raised_in_r4b(e):
             raise AssertionError(f"a {type(e).__name__} from outside r4b escaped unexplained: {e}") from e
         assert str(e).strip(), f"{type(e).__name__} without a message"
+        event(f"{getattr(fn, '__name__', type(fn).__name__)}: {type(e).__name__}: {str(e)[:50]}")  # --hypothesis-show-statistics
         return e
 
 
@@ -130,8 +131,30 @@ contents = st.one_of(odd_text, st.none(), st.integers(),
 roles = st.one_of(st.sampled_from(["user", "assistant", "system", "tool"]), odd_text, st.none(), st.integers())
 messages = st.builds(lambda r, c: {"role": r, "content": c}, roles, contents)
 odd_messages = st.one_of(messages, st.sampled_from([{}, {"role": "user"}, {"content": "hi"}, "hi", None, 3, []]))
-conversations = st.lists(st.one_of(messages, odd_messages), max_size=4)
-thinking_modes = st.one_of(st.sampled_from(["auto", "long", "short"]), st.sampled_from(["", "LONG", "none", None, 1]))
+wild_conversations = st.lists(st.one_of(messages, odd_messages), max_size=4)
+
+
+@st.composite
+def fitting_conversations(draw):
+    """Well-formed conversations with as many images as image parts (so the deep paths run), as
+    (messages, images); the text is still odd."""
+    conversation, n_images = [], 0
+    for _ in range(draw(st.integers(1, 3))):
+        role = draw(st.sampled_from(["system", "user", "assistant"]))
+        if draw(st.booleans()):
+            content = draw(odd_text)
+        else:
+            content = draw(st.lists(st.one_of(text_parts, image_marks), max_size=3))
+            n_images += sum(part["type"] == "image" for part in content)
+        conversation.append({"role": role, "content": content})
+    images = [draw(small_images()) for _ in range(n_images)]
+    return conversation, images if images or draw(st.booleans()) else None
+
+
+cases = st.one_of(fitting_conversations(), st.tuples(wild_conversations,
+                                                    st.one_of(st.none(), st.lists(payloads, max_size=2))))
+conversations = st.one_of(wild_conversations, fitting_conversations().map(lambda c: c[0]))
+thinking_modes = st.sampled_from(["auto", "long", "short"] * 3 + ["", "LONG", "none", None, 1])
 generation_flags = st.one_of(st.booleans(), st.sampled_from([None, 0, 1, "yes", [True]]))
 
 
@@ -149,6 +172,7 @@ def check_processor(processor, conversation, images, thinking_mode, add_generati
                      add_generation_prompt=add_generation_prompt)
     if isinstance(out, Exception):
         return
+    event("processor: ok" + (" with images" if "image_sizes" in out else ""))
     ids = out["input_ids"]
     assert ids.dtype == torch.int64 and ids.ndim == 2 and ids.shape[1] > 0
     n_image_tokens = int((ids == processor.image_token_id).sum())
@@ -162,19 +186,16 @@ def check_processor(processor, conversation, images, thinking_mode, add_generati
 
 
 @fuzz_settings(FAST)
-@given(conversation=conversations, images=st.one_of(st.none(), st.lists(payloads, max_size=2)),
-       thinking_mode=thinking_modes, add_generation_prompt=generation_flags)
-def test_processor_on_random_conversations(processor, conversation, images, thinking_mode, add_generation_prompt):
-    check_processor(processor, conversation, images, thinking_mode, add_generation_prompt)
+@given(case=cases, thinking_mode=thinking_modes, add_generation_prompt=generation_flags)
+def test_processor_on_random_conversations(processor, case, thinking_mode, add_generation_prompt):
+    check_processor(processor, *case, thinking_mode, add_generation_prompt)
 
 
 @pytest.mark.slow
 @fuzz_settings(SLOW)
-@given(conversation=conversations, images=st.one_of(st.none(), st.lists(payloads, max_size=2)),
-       thinking_mode=thinking_modes, add_generation_prompt=generation_flags)
-def test_processor_on_random_conversations_long(processor, conversation, images, thinking_mode,
-                                                add_generation_prompt):
-    check_processor(processor, conversation, images, thinking_mode, add_generation_prompt)
+@given(case=cases, thinking_mode=thinking_modes, add_generation_prompt=generation_flags)
+def test_processor_on_random_conversations_long(processor, case, thinking_mode, add_generation_prompt):
+    check_processor(processor, *case, thinking_mode, add_generation_prompt)
 
 
 def check_template(processor, shaped, thinking_mode, add_generation_prompt, extra):
@@ -219,6 +240,18 @@ pinpoint_lists = st.one_of(st.lists(st.lists(pin_values, min_size=2, max_size=2)
 tile_sizes = st.one_of(st.sampled_from([28, 56]), st.sampled_from([0, -28, 28.0, None, "28", True]))
 
 
+@st.composite
+def valid_anyres_inputs(draw):
+    """A valid (size, pinpoints, tile): the count-equals-packed property is checked on these."""
+    tile = draw(st.sampled_from([28, 56]))
+    pins = draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=6))
+    size = (draw(st.integers(1, 6000)), draw(st.integers(1, 6000)))
+    return size, [[tile * a, tile * b] for a, b in pins], tile
+
+
+anyres_inputs = st.one_of(valid_anyres_inputs(), st.tuples(sizes, pinpoint_lists, tile_sizes))
+
+
 def check_anyres(size, pins, tile, ratio):
     rows_cols = r4b_result(anyres.grid_shape, size, pins, tile)
     if isinstance(rows_cols, Exception):
@@ -233,6 +266,7 @@ def check_anyres(size, pins, tile, ratio):
     views = torch.randn(1 + rows * cols, side * side, 2)
     packed = anyres.pack_image_features(views, size, torch.randn(2), pins, tile, side, ratio)
     assert packed.shape[0] == count
+    event("anyres: count == packed rows")
 
 
 def dataclass_config(tile: int, patch: int, pins, ratio: str) -> R4BConfig:
@@ -248,16 +282,16 @@ ratios = st.sampled_from(["anyres", "anyres_max_1", "anyres_max_9"])
 
 
 @fuzz_settings(FAST * 4)
-@given(size=sizes, pins=pinpoint_lists, tile=tile_sizes, ratio=ratios)
-def test_anyres_on_random_sizes_pinpoints_and_tiles(size, pins, tile, ratio):
-    check_anyres(size, pins, tile, ratio)
+@given(inputs=anyres_inputs, ratio=ratios)
+def test_anyres_on_random_sizes_pinpoints_and_tiles(inputs, ratio):
+    check_anyres(*inputs, ratio)
 
 
 @pytest.mark.slow
 @fuzz_settings(SLOW * 5)
-@given(size=sizes, pins=pinpoint_lists, tile=tile_sizes, ratio=ratios)
-def test_anyres_on_random_sizes_pinpoints_and_tiles_long(size, pins, tile, ratio):
-    check_anyres(size, pins, tile, ratio)
+@given(inputs=anyres_inputs, ratio=ratios)
+def test_anyres_on_random_sizes_pinpoints_and_tiles_long(inputs, ratio):
+    check_anyres(*inputs, ratio)
 
 
 # ---------------------------------------------------------------------------------------------

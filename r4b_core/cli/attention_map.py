@@ -15,10 +15,12 @@ from pathlib import Path
 
 from r4b_core.cli.common import (
     UsageError,
+    add_image_options,
     add_max_new_tokens,
     checkpoint_dir,
     compute_dtype,
-    open_image,
+    images_from_args,
+    max_image_pixels,
     progress_to_stderr,
     torch_device,
 )
@@ -49,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     a.add_argument("--opacity", type=float, default=0.65, help="overlay opacity at the hottest pixel (default 0.65)")
     a.add_argument("--grid", action="store_true", help="outline the tiles (cyan) and their cells (faint white)")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of the summary lines")
+    add_image_options(a)
     return a
 
 
@@ -82,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if synthetic and not args.json:
         progress_to_stderr(f"(no --model: using the random-init synthetic checkpoint {directory}; its attention is "
                            "random)")
-    picture = open_image(args.image)
+    picture = images_from_args(args, [args.image])[0]
     processor = R4BProcessor.from_pretrained(directory)
+    processor.max_image_pixels = max_image_pixels(args)
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
                                                         progress=not args.json)
     result = compute_attention_map(model, processor, picture, args.prompt, layers=args.layers, token=args.token,

@@ -1,7 +1,8 @@
-"""``r4b bench``: prefill and decode speed, r4b vs transformers on the same weights (r4b_core/bench.py).
+"""``r4b bench``: decode, prefill and load speed, r4b vs transformers and the bandwidth limit (r4b_core/bench.py).
 
 A random-init preset (default small) or a checkpoint (--model); prints a table, or ``--json`` one
-object; progress goes to stderr.
+object; progress goes to stderr. The fast path for tests: ``--preset tiny --max-new-tokens 4
+--repeats 1 --max-repeats 1 --no-compile --load-repeats 1``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 from r4b_core.cli.common import (
     UsageError,
     add_max_new_tokens,
+    add_quantize,
     compute_dtype,
+    finite_float,
     positive_int,
     progress_to_stderr,
     torch_device,
@@ -20,41 +23,88 @@ from r4b_core.cli.common import (
 
 PRESETS = ["tiny", "small", "r4b"]
 DEFAULT_PRESET = "small"
+VARIANT_CHOICES = ("float32", "bfloat16", "float16", "int8")
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in VARIANT_CHOICES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(VARIANT_CHOICES)}; got "
+                                         f"{text!r}")
+    return names
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 1,4,8; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1; got {text!r}")
+    return values
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
                parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     b = subparsers.add_parser(
-        "bench", parents=parents, help="prefill/decode speed, ours vs transformers, and the bandwidth limit",
-        description="Time prefill (text and image prompts) and decode tokens/s for r4b eager, r4b compiled and "
-                    "transformers' generate on the same weights (batch 1, alternating runs, medians), against the "
-                    "memory-bandwidth limit measured in the same run.")
+        "bench", parents=parents, help="decode/prefill/load speed, r4b vs transformers, and the bandwidth limit",
+        description="Time decoding (per-step medians of r4b in float32 / bfloat16 / int8, compiled, and r4b vs "
+                    "transformers' generate at several batch sizes, alternating in one process, each against its "
+                    "memory-bandwidth limit), prefill (text prompt, image prompt, vision stage) and loading "
+                    "(fresh processes), on the same weights.")
     b.add_argument("--preset", choices=PRESETS,
                    help=f"random-init model shape when no --model is given (default {DEFAULT_PRESET})")
-    b.add_argument("--prompt-tokens", type=positive_int, default=128, metavar="N", help="text prompt length "
-                                                                                        "(default 128)")
+    b.add_argument("--prompt-tokens", type=positive_int, default=128, metavar="N",
+                   help="text prompt length (default 128)")
     add_max_new_tokens(b, 32, "tokens decoded per timed run")
-    b.add_argument("--repeats", type=positive_int, default=3, metavar="N", help="timed rounds after the warm-up "
-                                                                                 "(default 3)")
+    add_quantize(b)
+    b.add_argument("--repeats", type=positive_int, default=3, metavar="N",
+                   help="timed rounds at least, after the warm-up (default 3)")
+    b.add_argument("--max-repeats", type=positive_int, default=9, metavar="N",
+                   help="timed rounds at most: rounds go on while a figure's per-round spread is above "
+                        "--max-spread (default 9)")
+    b.add_argument("--max-spread", type=finite_float, default=0.10, metavar="FRACTION",
+                   help="(max - min) / median of the per-round figures that ends the rounds (default 0.10)")
+    b.add_argument("--variants", type=_name_list, default=("float32", "bfloat16", "int8"), metavar="LIST",
+                   help="batch-1 decode variants, comma-separated from float32, bfloat16, float16, int8 "
+                        "(default float32,bfloat16,int8)")
+    b.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 8), metavar="LIST",
+                   help="batch sizes of the r4b vs transformers decode comparison (default 1,4,8)")
+    b.add_argument("--load-repeats", type=positive_int, default=2, metavar="N",
+                   help="fresh-process loads per side (default 2)")
     b.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers reference")
+    b.add_argument("--no-prefill", action="store_true", help="skip the prefill and vision timings")
+    b.add_argument("--no-load", action="store_true",
+                   help="skip the load timings (with a preset they write its synthetic checkpoint to the r4b cache "
+                        "on first use)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return b
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.bench import format_table, run_bench
+    from r4b_core.bench import BenchOptions, format_table, run_bench
     from r4b_weights import resolve_checkpoint
 
     if args.model is not None and args.preset is not None:
         raise UsageError(f"give --model or --preset, not both (--model {args.model}, --preset {args.preset}).")
     if args.model is None and args.revision is not None:
         raise UsageError(f"--revision {args.revision} needs --model (a hub id).")
+    if args.max_new_tokens < 2:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: bench times the steps after the first token, so "
+                         "it needs at least 2.")
+    if not 0 < args.max_spread:
+        raise UsageError(f"--max-spread must be above 0, got {args.max_spread}.")
     device = torch_device(args.device)
     directory = resolve_checkpoint(args.model, args.revision) if args.model is not None else None
-    result = run_bench(args.preset or DEFAULT_PRESET, None if directory is None else str(directory),
-                       compute_dtype(args.dtype, directory), str(device), args.prompt_tokens, args.max_new_tokens,
-                       args.repeats, compile=not args.no_compile, transformers_reference=not args.no_transformers,
-                       progress=progress_to_stderr)
+    options = BenchOptions(
+        preset=args.preset or DEFAULT_PRESET, model_dir=None if directory is None else str(directory),
+        dtype=compute_dtype(args.dtype, directory), quantize=args.quantize, device=str(device),
+        prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+        max_repeats=args.max_repeats, max_spread=args.max_spread, variants=args.variants,
+        batch_sizes=args.batch_sizes, compile=not args.no_compile, transformers=not args.no_transformers,
+        prefill=not args.no_prefill, load=not args.no_load, load_repeats=args.load_repeats)
+    result = run_bench(options, progress=progress_to_stderr)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -15,9 +15,9 @@ so one flag means one thing in every command.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,20 +100,26 @@ def add_max_new_tokens(parser: argparse.ArgumentParser, default: int, what: str)
                         help=f"{what} (default {default})")
 
 
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def add_quantize(parser: argparse.ArgumentParser) -> None:
+    """``--quantize {none,int8}``: the language model's linears for decoding (r4b_core/quantize.py)."""
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                        help="int8: weight-only int8 linears in the language model (bf16 activations; about half "
+                             "the bytes of bf16 per decoded token). none (default): the --dtype weights; on a CPU "
+                             "with bf16 support, --dtype bfloat16 prepacks them for oneDNN")
+
+
 def torch_device(name: str) -> torch.device:
-    """``--device`` as a torch device this process can use, checked before any weights load."""
-    import torch
+    """``--device`` as a torch device this process can use, checked before any weights load
+    (r4b_core/devices.py: one error naming the device and what this torch build offers)."""
+    from r4b_core.devices import check_device
 
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a torch device ({e}); use e.g. cpu, cuda or cuda:1.") from None
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # e.g. a CPU-only build asked for cuda
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--device {name}: this torch cannot use that device ({reason}); try --device cpu.") from None
-    return device
+        return check_device(name)
+    except ValueError as e:  # "device X ..." -> "--device X ...": the flag the user typed
+        raise ValueError(f"--{e}") from None
 
 
 def checkpoint_dir(args: argparse.Namespace) -> tuple[Path, bool]:
@@ -146,23 +152,66 @@ def compute_dtype(name: str | None, directory: Path | None = None) -> torch.dtyp
     return resolve_dtype("auto", raw)
 
 
-def open_image(source: str) -> Image.Image:
-    """An RGB PIL image from a local path or an http(s)/file URL (downloaded into memory)."""
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels N``: the one decompression-bomb limit of every command that reads images, for
+    every source (file, file:// or http(s) URL) and every later step (the processor's check)."""
+    parser.add_argument("--max-image-pixels", type=positive_int, metavar="N",
+                        help="refuse images with more pixels, before decoding them (default: PIL's limit, "
+                             "89,478,485); for a trusted large image raise it")
+
+
+def max_image_pixels(args: argparse.Namespace) -> int:
+    """``--max-image-pixels``, else PIL's default limit."""
+    from PIL import Image
+
+    return getattr(args, "max_image_pixels", None) or Image.MAX_IMAGE_PIXELS
+
+
+MAX_DOWNLOAD_BYTES = 200 * 1024 * 1024  # an image URL's body is read up to this
+
+
+def open_image(source: str, max_pixels: int | None = None) -> Image.Image:
+    """An RGB PIL image from a local path, a file:// URL or an http(s) URL (downloaded into memory), all
+    decoded by ``image_processing.load_image`` under one pixel limit (``max_pixels``; None: PIL's)."""
     from PIL import Image
 
     from r4b_core.image_processing import load_image
 
-    if "://" not in source:
-        return load_image(Path(source))
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if not scheme:
+        return load_image(Path(source), max_pixels=limit)
+    if scheme == "file":
+        path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+        return load_image(Path(path), max_pixels=limit, name=source)
+    if scheme not in ("http", "https"):
+        raise ValueError(f"{source}: unsupported image URL scheme {scheme!r}; give a file path, a file:// URL or an "
+                         "http(s) URL.")
     try:
         with urllib.request.urlopen(source, timeout=30) as response:
-            data = response.read()
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except (OSError, ValueError) as e:
         raise ValueError(f"{source}: cannot download the image ({e}).") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"{source}: the download is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; download the "
+                         "image yourself and pass the file.")
+    return load_image(data, max_pixels=limit, name=source)
+
+
+def images_from_args(args: argparse.Namespace, sources: list[str]) -> list[Image.Image]:
+    """Every ``--image`` opened under ``--max-image-pixels`` (before any weights load)."""
+    return [open_image(source, max_image_pixels(args)) for source in sources]
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed torch accepts (0 .. 2**64 - 1)."""
     try:
-        return load_image(Image.open(io.BytesIO(data)))
-    except OSError as e:
-        raise ValueError(f"{source}: the downloaded data is not an image PIL can read ({e}).") from None
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1 (what torch's generator takes), got {value}")
+    return value
 
 
 def progress_to_stderr(message: str) -> None:

@@ -2,8 +2,10 @@
 
 Loads the checkpoint (default: the built-in random-init synthetic one, whose text is random), builds
 the chat prompt with the thinking mode, streams the model's output and ends with a one-line summary
-on stderr (tokens, finish reason, time to first token, decode rate); ``--json`` prints one object
-instead. Arguments are checked before the weights load.
+on stderr (tokens, finish reason, time to first token, decode rate; the decode step is compiled and warmed
+up on a throwaway cache first, so neither figure includes that time, which is reported on its own);
+``--json`` prints one object instead. Arguments and the whole prompt (images and their pixel limit, placeholders, length) are checked
+before the weights load. On a terminal, control characters in the model's text are shown escaped.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import time
 from typing import TextIO
 
 from r4b_core.cli.common import (
+    add_image_options,
     add_max_new_tokens,
+    add_quantize,
     checkpoint_dir,
     compute_dtype,
     finite_float,
+    images_from_args,
+    max_image_pixels,
     non_negative_int,
-    open_image,
     progress_to_stderr,
+    seed_int,
     torch_device,
 )
 
@@ -49,14 +55,27 @@ def add_parser(subparsers: argparse._SubParsersAction,
                    help="nucleus sampling threshold in (0, 1] (default: the checkpoint's)")
     g.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = off (default: the "
                                              "checkpoint's)")
-    g.add_argument("--seed", type=int, help="random seed for sampling (default: not seeded)")
+    g.add_argument("--seed", type=seed_int, help="random seed for sampling (default: not seeded)")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, thinking, answer, tokens, "
                                                        "timings) instead of streaming")
     g.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile (CUDA graphs on GPU); the first call compiles")
+                   help="compile the decode step with torch.compile (CUDA graphs on GPU); it is compiled before the "
+                        "prompt runs and the compile time is reported on its own")
+    add_quantize(g)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "triton"],
                    help="decode attention: auto (Triton on CUDA when supported, else SDPA), sdpa, or triton")
+    add_image_options(g)
     return g
+
+
+# C0 controls but newline and tab, DEL, and C1 controls: on a terminal they move the cursor, recolour, retitle
+# the window or worse; model output is shown with them escaped (\x1b), never interpreted
+_CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), *range(0x7f, 0xa0)] if chr(c) not in "\n\t"}
+
+
+def escape_control_chars(text: str) -> str:
+    """``text`` with every C0 / C1 control character except newline and tab written as a visible escape."""
+    return text.translate(_CONTROL_CHARS)
 
 
 class SectionPrinter:
@@ -74,6 +93,8 @@ class SectionPrinter:
     def write(self, section: str, text: str) -> None:
         if not text:
             return
+        if self.tty:  # model output never reaches the terminal as escape sequences
+            text = escape_control_chars(text)
         if section != self.section:
             if self.tty:
                 self.out.write("\x1b[2m" if section == "thinking" else "\x1b[0m")
@@ -93,10 +114,14 @@ class SectionPrinter:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from r4b_core.chat import ChatStream
+    from r4b_core.generate import check_lengths, warm_up_decode_step
     from r4b_core.generation_config import SamplingParams
     from r4b_core.model import R4BForConditionalGeneration
     from r4b_core.processor import R4BProcessor
+    from r4b_core.quantize import fast_linears
 
     device = torch_device(args.device)
     directory, synthetic = checkpoint_dir(args)
@@ -112,13 +137,26 @@ def run(args: argparse.Namespace) -> int:
         top_p=defaults.top_p if args.top_p is None else args.top_p,
         seed=args.seed,
     )
-    images = [open_image(src) for src in args.image]
+    images = images_from_args(args, args.image)
+    processor.max_image_pixels = max_image_pixels(args)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    messages = [{"role": "user", "content": content}]
+    # the whole prompt (template, placeholders, images, length) is checked here, before the weights load
+    inputs = processor(messages=messages, images=images or None, thinking_mode=args.thinking_mode)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    check_lengths(prompt_tokens, args.max_new_tokens, prompt_tokens + args.max_new_tokens,
+                  processor.config.text_config.max_position_embeddings)
     t_load = time.perf_counter()
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
                                                         progress=not args.json)
     t_load = time.perf_counter() - t_load
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
-    stream = ChatStream(model, processor, [{"role": "user", "content": content}], images or None,
+    linears = fast_linears(model, args.quantize)
+    if args.compile and not args.json:
+        progress_to_stderr("(compiling the decode step ...)")
+    # compile and first-call set-up happen here, on a throwaway cache of the real shape: not in TTFT or tokens/s
+    t_warm = warm_up_decode_step(model, 1, prompt_tokens + args.max_new_tokens - 1, compile=args.compile,
+                                 attention_backend=args.attention_backend)
+    stream = ChatStream(model, processor, messages, images or None, inputs=inputs,
                         thinking_mode=args.thinking_mode, max_new_tokens=args.max_new_tokens, sampling=sampling,
                         generation_config=gen_config, compile=args.compile, attention_backend=args.attention_backend,
                         max_thinking_tokens=args.max_thinking_tokens)
@@ -133,11 +171,15 @@ def run(args: argparse.Namespace) -> int:
         summary = {"text": r.text, "thinking": r.thinking, "answer": r.answer, "tokens": r.tokens,
                    "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "new_tokens": len(r.tokens),
                    "time_to_first_token_s": r.time_to_first_token_s, "decode_tokens_per_s": r.decode_tokens_per_s,
-                   "load_time_s": t_load, "model": str(directory)}
+                   "load_time_s": t_load, "compile_time_s": t_warm if args.compile else None,
+                   "warm_up_time_s": t_warm, "linears": linears, "threads": torch.get_num_threads(),
+                   "model": str(directory)}
         print(json.dumps(summary, ensure_ascii=False))
     else:
         rate = "n/a" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
         progress_to_stderr(f"[{len(r.tokens)} tokens ({r.finish_reason}) · prompt {r.prompt_tokens} tokens · "
                            f"TTFT {r.time_to_first_token_s:.2f} s · {rate} tokens/s · "
-                           f"weights loaded in {t_load:.1f} s]")
+                           + (f"compiled in {t_warm:.1f} s · " if args.compile else "")
+                           + (f"{linears} linears · " if linears != "none" else "")
+                           + f"weights loaded in {t_load:.1f} s]")
     return 0

@@ -2,7 +2,8 @@
 
     r4b inspect CHECKPOINT | --model CHECKPOINT [--load]
         config.json and the safetensors headers: architecture, shapes, dtypes, parameters per part;
-        --load also loads the model strictly and runs it (R-4B: one forward on a generated picture)
+        --load also loads the model strictly (every tensor checked for NaN / Inf, the first one named by
+        its HF name and file) and runs it (R-4B: one forward on a generated picture)
     r4b inspect --preset NAME [--prompt-tokens N] [--max-new-tokens N]
         a random-init text decoder of a preset: prefill, greedy cached decoding, and a check that the
         cached tokens equal the uncached ones (exit 1 if not)
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from r4b_core.cli.common import UsageError, add_max_new_tokens, compute_dtype, positive_int, torch_device
+from r4b_core.cli.common import UsageError, add_max_new_tokens, compute_dtype, positive_int, seed_int, torch_device
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -29,12 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction,
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
                    help="checkpoint directory or hub id (owner/name); the same as --model")
     p.add_argument("--preset", choices=["tiny", "small", "r4b"], help="run a random-init text decoder of this preset")
-    p.add_argument("--load", action="store_true", help="also load the model strictly (reads all its tensors) and "
-                                                       "run it")
+    p.add_argument("--load", action="store_true", help="also load the model strictly (reads all its tensors, "
+                                                       "checking each for NaN / Inf) and run it")
     p.add_argument("--prompt-tokens", type=positive_int, default=32, metavar="N",
                    help="random prompt length for --preset (default 32)")
     add_max_new_tokens(p, 16, "greedy tokens to decode for --preset")
-    p.add_argument("--seed", type=int, default=0, help="random seed for --preset weights (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed for --preset weights (default 0)")
     return p
 
 
@@ -117,7 +118,8 @@ def _describe_checkpoint(checkpoint: str, args: argparse.Namespace, device: torc
         _load_and_run_r4b(directory, dtype, device)
     else:
         t0 = time.perf_counter()
-        model = Qwen3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device, progress=True)
+        model = Qwen3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device, progress=True,
+                                                 check_finite=True)
         print(f"loaded       text model strictly in {time.perf_counter() - t0:.2f} s "
               f"({sum(p.numel() for p in model.parameters()):,d} parameters, {_name(dtype)} on {device})")
     return 0
@@ -136,7 +138,8 @@ def _load_and_run_r4b(directory: Path, dtype: torch.dtype, device: torch.device)
     from r4b_core.synthetic import synthetic_picture
 
     t0 = time.perf_counter()
-    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True)
+    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True,
+                                                        check_finite=True)
     t1 = time.perf_counter()
     print(f"loaded       full model strictly in {t1 - t0:.2f} s "
           f"({sum(p.numel() for p in model.parameters()):,d} parameters, {_name(dtype)} on {device})")

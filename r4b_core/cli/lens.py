@@ -11,9 +11,11 @@ import argparse
 import json
 
 from r4b_core.cli.common import (
+    add_image_options,
     checkpoint_dir,
     compute_dtype,
-    open_image,
+    images_from_args,
+    max_image_pixels,
     positive_int,
     progress_to_stderr,
     torch_device,
@@ -38,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     p.add_argument("--thinking-mode", default="auto", choices=["auto", "long", "short"],
                    help="chat template thinking mode (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_image_options(p)
     return p
 
 
@@ -58,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if synthetic and not args.json:
         progress_to_stderr(f"(no --model: using the random-init synthetic checkpoint {directory}; its guesses are "
                            "random)")
-    images = [open_image(src) for src in args.image]
+    images = images_from_args(args, args.image)
     processor = R4BProcessor.from_pretrained(directory)
+    processor.max_image_pixels = max_image_pixels(args)
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
                                                         progress=not args.json)
     result = lens_for_prompt(model, processor, args.prompt, images, positions=args.positions, top_k=args.top_k,

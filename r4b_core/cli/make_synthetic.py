@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from r4b_core.cli.common import UsageError, torch_device
+from r4b_core.cli.common import UsageError, finite_float, seed_int, torch_device
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -20,10 +21,14 @@ def add_parser(subparsers: argparse._SubParsersAction,
                     "generation_config.json and tokenizer files for a random-init model of a preset. "
                     "The weights are drawn on the CPU; --dtype is the stored dtype.")
     p.add_argument("directory", nargs="?", metavar="DIR",
-                   help="output directory, the same as --model (weight files of an earlier save there are replaced)")
+                   help="output directory (new or empty), the same as --model")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "r4b"], help="model shape (default tiny)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="shard above this many GiB (default 2)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed for the weights (default 0)")
+    p.add_argument("--max-shard-gb", type=finite_float, default=2.0, help="shard above this many GiB (default 2)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR: replace the files an earlier make-synthetic wrote there (its "
+                        ".r4b-manifest.json), keep every other file; refused when one of those would be read with "
+                        "the new checkpoint (a chat template, weight files)")
     p.add_argument("--tokenizer", default="small", choices=["small", "qwen"],
                    help="small: a small trained byte-level BPE with Qwen3's special-token ids (default); "
                         "qwen: the real Qwen3 vocabulary, 151,643 BPE tokens + 26 added tokens + <image> "
@@ -32,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.synthetic import make_synthetic_checkpoint
+    from r4b_core.output_dir import check_target
+    from r4b_core.synthetic import make_synthetic_checkpoint, read_with_checkpoint
     from r4b_weights import resolve_dtype
 
     if args.directory and args.model and args.directory != args.model:
@@ -48,10 +54,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-shard-gb must be positive, got {args.max_shard_gb}.")
     natural = "bfloat16" if args.preset == "r4b" else "float32"  # 'auto': the preset's own (r4b: 9.6 GB)
     dtype = resolve_dtype(natural if args.dtype in (None, "auto") else args.dtype)
+    check_target(Path(directory).expanduser(), args.force, read_with_checkpoint, "a synthetic checkpoint")  # first
     t0 = time.perf_counter()
     print(f"writing a random-init '{args.preset}' checkpoint (seed {args.seed}, {str(dtype).removeprefix('torch.')}) "
           f"to {directory} ...", flush=True)
     make_synthetic_checkpoint(directory, args.preset, seed=args.seed, dtype=dtype,
-                              max_shard_bytes=int(args.max_shard_gb * 1024**3), tokenizer=args.tokenizer)
+                              max_shard_bytes=max(1, int(args.max_shard_gb * 1024**3)), tokenizer=args.tokenizer,
+                              force=args.force)
     print(f"done in {time.perf_counter() - t0:.1f} s; inspect it with: r4b inspect {directory} --load")
     return 0

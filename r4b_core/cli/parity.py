@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from r4b_core.cli.common import add_max_new_tokens, checkpoint_dir, compute_dtype, open_image, torch_device
+from r4b_core.cli.common import (
+    add_image_options,
+    add_max_new_tokens,
+    checkpoint_dir,
+    compute_dtype,
+    images_from_args,
+    max_image_pixels,
+    torch_device,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -28,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     q.add_argument("--json", action="store_true",
                    help="print one JSON object: passed, stages (name, max_abs_diff, tolerance, passed), "
                         "logits_max_abs_diff")
+    add_image_options(q)
     return q
 
 
@@ -37,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     directory, synthetic = checkpoint_dir(args)
     dtype = compute_dtype(args.dtype, directory)
-    image = open_image(args.image) if args.image else None
+    image = images_from_args(args, [args.image])[0] if args.image else None
     report = run_parity(directory, image=image, prompt=args.prompt, dtype=dtype, device=device,
-                        greedy_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+                        greedy_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
+                        max_image_pixels=max_image_pixels(args))
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

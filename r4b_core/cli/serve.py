@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         progress_to_stderr(f"(no --model: serving the random-init synthetic checkpoint {directory}; its text is "
                            "random)")
     processor = R4BProcessor.from_pretrained(directory)
+    processor.max_image_pixels = args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS  # the server's one image limit
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True)
     generation_config = processor.generation_config
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id

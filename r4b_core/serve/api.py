@@ -44,7 +44,7 @@ from r4b_core.thinking_budget import prompt_opens_thinking, thinking_budget_for
 log = logging.getLogger("r4b.serve")
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-_POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
+_POLL_S = 0.1  # how often a waiting handler checks whether its client is still there
 
 
 @dataclass

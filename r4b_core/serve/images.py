@@ -4,10 +4,10 @@
     http:// https://            only with --allow-remote-images: at most ``max_bytes``, ``timeout_s`` in all
     file:///path or a path      only with --allow-local-images DIR, and only inside DIR (symlinks resolved)
 
-Every source is decoded the same way: the pixel count is read from the header and checked against
-``max_pixels`` before any pixel is decoded (decompression bombs), then the image is fully decoded
-(a truncated file is an error here, not in the engine), EXIF-rotated and converted to RGB, as
-``image_processing.load_image`` does for files, so a data URI of a file gives the same pixels as
+Every source is decoded the same way, by ``image_processing.load_image`` on the bytes: the pixel count
+is read from the header and checked against ``max_pixels`` before any pixel is decoded (decompression
+bombs), then the image is fully decoded (a truncated file is an error here, not in the engine),
+EXIF-rotated and converted to RGB as for a file, so a data URI of a file gives the same pixels as
 ``r4b generate --image`` of that file. Failures raise ``APIError(400)`` naming the content part.
 """
 
@@ -20,12 +20,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from r4b_core.image_processing import load_image
 from r4b_core.serve.schema import APIError, ImageRef, invalid
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -62,27 +62,15 @@ def load_request_image(ref: ImageRef, policy: ImagePolicy) -> Image.Image:
 
 
 def decode_image_bytes(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image; too many pixels or undecodable data -> APIError(400)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            raise invalid(param, f"the image is too large ({e}); the limit is {max_pixels} pixels.",
-                          code="image_too_large") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise invalid(param, f"cannot decode the image: not an image format PIL can read ({e}).",
-                          code="invalid_image") from None
-        pixels = image.width * image.height
-        if pixels > max_pixels:
-            raise invalid(param, f"the image is {image.width}x{image.height} = {pixels} pixels, over the server's "
-                                 f"limit of {max_pixels} (--max-image-pixels).", code="image_too_large")
-        try:
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise invalid(param, f"cannot decode the image (truncated or corrupt data): {e}",
-                          code="invalid_image") from None
+    """Encoded image bytes -> RGB PIL image through ``image_processing.load_image`` (the one decoder of every
+    image source: size checked from the header first); too many pixels or undecodable data -> APIError(400)."""
+    try:
+        return load_image(data, max_pixels=max_pixels, name="the image")
+    except ValueError as e:
+        too_large = "too large" in str(e)
+        hint = " (the server's --max-image-pixels)" if too_large else ""
+        raise invalid(param, f"{e}{hint}" if too_large else f"cannot decode the image: {e}",
+                      code="image_too_large" if too_large else "invalid_image") from None
 
 
 def _data_uri_bytes(ref: ImageRef, url: str, policy: ImagePolicy) -> bytes:

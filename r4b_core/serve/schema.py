@@ -170,7 +170,7 @@ def _refuse_unsupported(body: Mapping) -> None:
     if present("logprobs", False) or present("top_logprobs", 0):
         raise invalid("logprobs", "log probabilities are not supported by this server.")
     for key in ("presence_penalty", "frequency_penalty"):
-        if present(key, 0) and body.get(key) != 0.0:
+        if present(key, 0):
             raise invalid(key, "penalties are not supported by this server; leave it at 0.")
     if body.get("logit_bias"):
         raise invalid("logit_bias", "logit_bias is not supported by this server.")

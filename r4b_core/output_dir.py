@@ -1,0 +1,122 @@
+"""Writing a directory of files for the user (a synthetic checkpoint) without ever destroying theirs.
+
+    write_directory(target, fill, force=False, keeps_out=...)
+      1. checks first, before any expensive work:
+         - ``target`` is a file                                   -> FileExistsError naming it
+         - ``target`` holds anything and not ``force``            -> FileExistsError naming what it holds
+         - ``force``, and ``target`` holds files r4b did not write (not in its manifest) that ``keeps_out``
+           names (files a reader would take together with the new ones, e.g. a stale chat_template.jinja or
+           a weight shard)                                         -> FileExistsError naming them
+      2. ``fill(staging)`` writes every file into a fresh temporary directory beside ``target`` (same file
+         system), plus the manifest ``.r4b-manifest.json`` listing them. A crash, Ctrl-C or a full disk here
+         leaves ``target`` untouched and the temporary directory removed.
+      3. commit: a new or empty ``target`` is replaced by the finished directory in one rename (readers see
+         the old state or the whole new one). With ``force`` over an earlier output the files are renamed in
+         one at a time (a stale shard index removed first), then r4b's own earlier files that the new output
+         does not contain are deleted; files r4b did not write are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+MANIFEST_NAME = ".r4b-manifest.json"
+
+
+def _names(entries: list[str], limit: int = 6) -> str:
+    shown = ", ".join(sorted(entries)[:limit])
+    return shown + (f" ... and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def read_manifest(directory: Path) -> set[str]:
+    """The files r4b wrote into ``directory`` (empty when it has no readable manifest)."""
+    try:
+        data = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        files = data.get("files", []) if isinstance(data, dict) else []
+        return {f for f in files if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")}
+    except (OSError, ValueError):
+        return set()
+
+
+def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], what: str) -> None:
+    """Step 1 of ``write_directory`` alone (see the module docstring); ``what`` names the output in messages."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is a file, not a directory; {what} is a directory of files. "
+                              "Choose a new path (or move the file away).")
+    if not target.is_dir():
+        return
+    entries = [p.name for p in target.iterdir()]
+    if not entries:
+        return
+    if not force:
+        raise FileExistsError(
+            f"{target} is not empty (it holds {_names(entries)}); r4b writes {what} only into a new or empty "
+            "directory. Choose another, or pass --force (force=True) to replace the files r4b wrote there "
+            "(files it did not write are kept, never deleted)."
+        )
+    ours = read_manifest(target)
+    blocking = [name for name in entries if name not in ours and name != MANIFEST_NAME and keeps_out(name)]
+    if blocking:
+        raise FileExistsError(
+            f"{target} holds {_names(blocking)}, which r4b did not write and which would be read together with "
+            f"{what} (e.g. a chat template or weight file winning over the new ones). r4b never deletes files it "
+            "did not write: move them away, or choose another directory."
+        )
+
+
+def _staging_dir(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.r4b-tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the output gets a directory's usual mode
+    return staging
+
+
+def write_directory(target: str | Path, fill: Callable[[Path], None], *, force: bool = False,
+                    keeps_out: Callable[[str], bool] = lambda name: False, what: str = "the output") -> Path:
+    """Write a directory with ``fill(staging_dir)``, safely (see the module docstring); returns ``target``."""
+    target = Path(target).expanduser()
+    check_target(target, force, keeps_out, what)
+    staging = _staging_dir(target)
+    try:
+        fill(staging)
+        written = sorted(p.name for p in staging.iterdir() if p.is_file())  # a flat directory of files
+        manifest = {"written_by": "r4b", "what": what, "files": written}
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _commit(staging, target, set(written))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after a successful directory rename; else the leftovers
+    return target
+
+
+def _commit(staging: Path, target: Path, written: set[str]) -> None:
+    if not target.is_dir() or not any(target.iterdir()):
+        if target.is_dir():
+            os.chmod(staging, target.stat().st_mode & 0o7777)
+        try:
+            os.replace(staging, target)  # a new name, or over an empty directory: one atomic rename
+        except OSError as e:
+            if target.is_dir() and any(target.iterdir()):
+                raise FileExistsError(f"{target} was filled by someone else while r4b wrote {staging.name}; "
+                                      "nothing of theirs was changed.") from None
+            raise OSError(e.errno, f"cannot move the finished output into place ({e.strerror})", str(target)) from None
+        return
+    # force over an earlier output: file by file, r4b's own stale files removed, the user's kept
+    stale = read_manifest(target) - written
+    order = sorted(written, key=lambda name: (name == "config.json", name))  # config.json last: readers start there
+    for name in sorted(stale):
+        if name.endswith(".index.json"):  # a stale shard index would win over a new single weight file
+            (target / name).unlink(missing_ok=True)
+    for name in order:
+        os.replace(staging / name, target / name)
+    for name in sorted(stale):
+        path = target / name
+        if path.is_file():
+            path.unlink()
+    os.replace(staging / MANIFEST_NAME, target / MANIFEST_NAME)
