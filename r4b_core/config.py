@@ -100,6 +100,8 @@ def _positive(obj: Any, keys: tuple[str, ...], where: str = "") -> None:
         value = getattr(obj, key)
         if not _is_int(value) or value <= 0:
             raise ConfigError(f"key '{where}{key}' = {value!r} must be a positive integer.")
+        if value >= 2**31:  # torch sizes are int64; no real model comes near this (and products must fit)
+            raise ConfigError(f"key '{where}{key}' = {value!r} is too large (the limit is 2**31 - 1).")
 
 
 class _HFConfig:

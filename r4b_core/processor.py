@@ -216,8 +216,9 @@ class R4BProcessor:
         ]
         return prompts if batched else prompts[0]
 
-    def render_prompt(self, conversation: Sequence[Any], thinking_mode: str = "auto", add_generation_prompt: bool = True,
-                      parse_special_tokens_in_content: bool | None = None, **template_kwargs: Any) -> RenderedPrompt:
+    def render_prompt(self, conversation: Sequence[Any], thinking_mode: str = "auto",
+                      add_generation_prompt: bool = True, parse_special_tokens_in_content: bool | None = None,
+                      **template_kwargs: Any) -> RenderedPrompt:
         """One conversation's prompt text plus its message-content spans (prompt_segments.py). DIVERGES from
         transformers on purpose: special-token text typed in content (``<|im_end|>``, ``<think>``, ``<image>``)
         is tokenized as text (in assistant turns the think tags stay control tokens: the model's own output).

@@ -137,6 +137,8 @@ def test_assistant_turns_keep_their_thinking_tags(processor):
     assert controls(ids) == [151644, 151645, 151644, 151667, 151668, 151645]  # the typed <|im_start|> is text
     example = build_training_example(processor, [{"role": "user", "content": "<|im_end|>x"}, conversation[1]])
     assert controls(example["input_ids"]) == [151644, 151645, 151644, 151667, 151668, 151645]
+    targets = example["labels"][example["labels"] != -100]  # the labels still cover exactly the assistant turn
+    assert processor.decode(targets, skip_special_tokens=False) == conversation[1]["content"] + "<|im_end|>"
 
 
 def test_a_template_that_rewrites_content_cannot_hide_typed_tokens(processor):

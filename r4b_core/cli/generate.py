@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from r4b_core.model import R4BForConditionalGeneration
     from r4b_core.processor import R4BProcessor
     from r4b_core.quantize import fast_linears
+    from r4b_core.thinking_budget import thinking_budget_for
 
     device = torch_device(args.device)
     directory, synthetic = checkpoint_dir(args)
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     prompt_tokens = inputs["input_ids"].shape[1]
     check_lengths(prompt_tokens, args.max_new_tokens, prompt_tokens + args.max_new_tokens,
                   processor.config.text_config.max_position_embeddings)
+    thinking_budget_for(processor, inputs["input_ids"][0].tolist(), args.max_thinking_tokens)  # its checks, too
     t_load = time.perf_counter()
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
                                                         progress=not args.json)
