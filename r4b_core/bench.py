@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r4b_core.bench_decode import ours_variant, run_rounds, transformers_variant
+from r4b_core.bench_decode import decode_bytes_per_step, ours_variant, run_rounds, transformers_variant
 from r4b_core.config import preset
 from r4b_core.quantize import fast_linears, quantize_model
 
@@ -158,7 +158,9 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
         ref_name = None
         if ref is not None:
             ref_name = f"transformers {main_name} batch {b}"
-            variants.append(transformers_variant(ref_name, ref, text_ids[:b], by_name[ours_name].bytes_per_step))
+            # transformers reads the unquantized weights in the main dtype: the source's bytes, rescaled
+            ref_bytes = (decode_bytes_per_step(source, b, context) * options.dtype.itemsize) // source_dtype.itemsize
+            variants.append(transformers_variant(ref_name, ref, text_ids[:b], ref_bytes))
         batch_names[b] = (ours_name, ref_name)
 
     decode = run_rounds(variants, device, n, options.repeats, max(options.max_repeats, options.repeats),

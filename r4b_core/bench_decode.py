@@ -54,6 +54,12 @@ def copy_seconds(device: torch.device, nbytes: int) -> Callable[[], float]:
     return run
 
 
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second (read + written) of the fastest of ``repeats`` copies of ``nbytes`` on ``device``."""
+    once = copy_seconds(device, nbytes)
+    return 2 * nbytes / min(once() for _ in range(repeats))
+
+
 def spread(values: list[float]) -> float:
     """(max - min) / median: 0 when every value is the same."""
     return (max(values) - min(values)) / statistics.median(values) if values else float("nan")

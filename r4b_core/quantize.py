@@ -4,19 +4,22 @@ Decoding one token is a chain of matrix-vector products (M = batch = 1..8 rows a
 so its speed is the speed at which the weights stream from memory. Two replacements for
 ``nn.Linear``, applied to the language model after its weights are loaded:
 
-- ``int8``: weight-only int8 with one fp32-derived scale per output channel (symmetric, round to
-  nearest): 1 byte per weight instead of 2 (bf16) or 4 (fp32). Activations run in bfloat16 through
-  ``aten._weight_int8pack_mm`` (dequantize-in-register); outputs are cast back to the model's dtype.
-  Long inputs (prefill, more than ``INT8_KERNEL_MAX_ROWS`` rows) dequantize the weight to bf16 once per
-  call and use a plain GEMM, which is compute-bound there anyway.
+- ``int8``: weight-only int8 with one scale per output channel (symmetric, round to nearest): 1 byte
+  per weight instead of 2 (bf16) or 4 (fp32). Activations run in bfloat16 through
+  ``aten._weight_int8pack_mm``; outputs are cast back to the input's dtype. Long inputs (prefill, more
+  than ``INT8_KERNEL_MAX_ROWS`` rows) dequantize the weight to bf16 for the call and use a plain GEMM,
+  which is compute-bound there anyway.
 - ``bf16-prepacked``: the same bf16 weights, reordered once into oneDNN's blocked layout
-  (``mkldnn._reorder_linear_weight``) and run with ``mkldnn._linear_pointwise``: plain bf16
-  ``F.linear`` re-lays the weight out on every call, which halves its bandwidth at M = 1.
+  (``mkldnn._reorder_linear_weight``) and run with ``mkldnn._linear_pointwise``. On plain (unpacked)
+  bf16 weights the same oneDNN call runs at about a third of that speed at M = 1 on the AVX-512 BF16
+  CPU of BENCHMARKS.md; so does ``F.linear``.
 
-``quantize_model(model, "int8")`` swaps every ``nn.Linear`` of the language model (decoder layers and
+``quantize_model(model, mode)`` swaps every ``nn.Linear`` of the language model (decoder layers and
 lm_head; the vision tower and the projector only run at prefill and keep theirs) and returns how many
-it swapped. The model stays stateless; its state_dict then holds the replacement's tensors
-(``weight`` int8 + ``scales`` for int8), so quantize after loading, and export before quantizing.
+it swapped; ``fast_linears(model, quantize)`` is what the CLI calls after loading (int8 when asked,
+else prepacked bf16 where it applies). The model stays stateless. With int8 its state_dict holds the
+replacement's tensors (``weight`` int8 + ``scales``), so quantize after loading and export before
+quantizing; prepacking leaves the state_dict as it was.
 """
 
 from __future__ import annotations

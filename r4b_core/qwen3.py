@@ -249,6 +249,8 @@ def _positions_and_layout(
         layout = AttentionLayout(mask=None, slots=slots, valid=valid, kv_len=kv_cache.capacity, seq_lens=new_lens)
         return slots, layout, new_lens
     kv_len = int(new_lens.max())
+    if valid is None and kv_len == n_new:  # an empty cache, no padding: plain causal, SDPA skips masked blocks
+        return slots, AttentionLayout(mask=None, slots=slots, kv_len=kv_len, seq_lens=new_lens), new_lens
     key_slot = torch.arange(kv_len, device=device)  # [S]
     mask = key_slot[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal in slot space
     if valid is not None:

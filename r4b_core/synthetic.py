@@ -14,7 +14,7 @@
     .r4b-manifest.json          the list of files above (what r4b wrote; ``force=True`` replaces only those)
 
 into a new or empty directory, through a temporary directory beside it that is renamed into place
-(r4b_core/output_dir.py): a failure or a full disk leaves nothing half-written.
+(r4b_weights/output_dir.py): a failure or a full disk leaves nothing half-written.
 
 The weights are drawn so that the logits are not degenerate: unit-variance-preserving Linear
 weights, N(0, 1) embeddings, norm weights of 1 + N(0, 0.1) (so that, e.g., applying QK-norm after
@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from r4b_core.config import R4BConfig, preset
 from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.output_dir import MANIFEST_NAME, write_directory
+from r4b_weights.output_dir import MANIFEST_NAME, write_directory
 from r4b_core.qwen3 import RMSNorm
 from r4b_weights.hub import CHECKPOINT_AUX_FILES
 from r4b_weights.safetensors_io import INDEX_NAME, PICKLE_SUFFIXES
@@ -195,7 +195,7 @@ def make_synthetic_checkpoint(
     ``directory`` must be new or empty; ``force=True`` replaces the files an earlier r4b write left there
     (listed in its ``.r4b-manifest.json``) and keeps every other file, unless one of those would be read
     with the new checkpoint (``read_with_checkpoint``): then it is refused. Everything is written into a
-    temporary directory beside it first and renamed into place (r4b_core/output_dir.py), so a failure or
+    temporary directory beside it first and renamed into place (r4b_weights/output_dir.py), so a failure or
     a full disk leaves ``directory`` as it was.
     """
     if tokenizer not in ("small", "qwen"):
@@ -221,7 +221,7 @@ def write_synthetic_files(directory: Path, config: R4BConfig, seed: int, dtype: 
     from tokenizers import Tokenizer
 
     from r4b_core.image_processing import ImageProcessorConfig
-    from r4b_weights.export import save_hf_checkpoint
+    from r4b_weights.export import write_hf_files
 
     if tokenizer == "qwen":
         from r4b_core.qwen_tokenizer import write_qwen_tokenizer
@@ -232,7 +232,7 @@ def write_synthetic_files(directory: Path, config: R4BConfig, seed: int, dtype: 
     vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab(with_added_tokens=True)
     printable = [i for i in vocab.values() if i != config.image_token_index]
     model = build_synthetic_model(config, seed, dtype, token_ids=printable)
-    save_hf_checkpoint(model, directory, max_shard_bytes=max_shard_bytes)
+    write_hf_files(model, directory, max_shard_bytes=max_shard_bytes)
     processor_config = ImageProcessorConfig.for_model(config).to_hf_dict()
     (directory / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n", encoding="utf-8")
     generation = {"eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}  # Qwen3's ids; greedy

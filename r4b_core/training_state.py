@@ -251,7 +251,11 @@ def save_training_state(
     out_dir = Path(out_dir)
     rank, world = _rank_world()
     sharded = _is_sharded(model)
+    had_state = bool(optimizer.state)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(weights))
+    if not had_state:  # get_state_dict filled it by a zero-lr step; a fresh optimizer must stay fresh
+        optimizer.state.clear()
+        optim_sd = {**optim_sd, "state": {}}
     model_tensors, optim_tensors = {}, {}
     seen: dict[tuple, str] = {}
     tree = {"model": encode(model_sd, "model", model_tensors, seen),
@@ -265,8 +269,10 @@ def save_training_state(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_states(out_dir)  # leftovers of an interrupted save (ours only)
-        if partial.exists():  # a foreign directory under our partial name: refuse rather than delete it
-            raise FileExistsError(f"{partial} exists and was not written by r4b; move it away.")
+        for taken in (partial, final):  # a directory r4b did not write under our names: refuse, never delete
+            if taken.exists() and not _is_ours(taken):
+                raise TrainingStateError(f"{taken} exists and was not written by r4b; move it away, or save to "
+                                         "another directory.")
         partial.mkdir()
         write_json(partial / OWNER_MARK, {"format": STATE_FORMAT, "step": step})
     _barrier()

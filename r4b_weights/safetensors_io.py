@@ -136,12 +136,10 @@ def _shard_plan(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[
     return shards
 
 
-def remove_weight_files(directory: Path) -> None:
-    """Delete weights an earlier save left (a stale index would otherwise win over a new single file)."""
-    stale = [directory / SINGLE_NAME, directory / INDEX_NAME, *directory.glob("model-*-of-*.safetensors")]
-    for path in stale:
-        if path.is_file():
-            path.unlink()
+def existing_weight_files(directory: Path) -> list[str]:
+    """Names of weight files (single file, shards, index) already in ``directory``."""
+    names = [n for n in (SINGLE_NAME, INDEX_NAME) if (directory / n).exists()]
+    return names + sorted(p.name for p in directory.glob("model-*-of-*.safetensors"))
 
 
 def _make_readable(path: Path) -> None:
@@ -152,10 +150,20 @@ def _make_readable(path: Path) -> None:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> list[Path]:
-    """Write ``tensors`` as model.safetensors, or as numbered shards plus an index above the threshold."""
+    """Write ``tensors`` as model.safetensors, or as numbered shards plus an index above the threshold.
+
+    ``directory`` must hold no weight files yet: this neither deletes nor overwrites any (a stale index would
+    win over a new single file). Callers write into a fresh directory and rename it into place
+    (``r4b_weights.output_dir``), which is what replaces an earlier checkpoint safely.
+    """
     directory = Path(directory)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, float)) or not max_shard_bytes > 0:
+        raise ValueError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}.")
     directory.mkdir(parents=True, exist_ok=True)
-    remove_weight_files(directory)
+    present = existing_weight_files(directory)
+    if present:
+        raise FileExistsError(f"{directory} already holds weight files ({', '.join(present[:4])}); write_safetensors "
+                              "writes into a directory without any (it never deletes or overwrites them).")
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     plan = _shard_plan(tensors, max_shard_bytes)
     metadata = {"format": "pt"}

@@ -229,8 +229,11 @@ def resume(args, path: Path, model, optimizer, scheduler, rank: int, say) -> tup
     if rank == 0:
         for partial in remove_partial_states(args.out):
             say(f"removed {partial.name}, left by an interrupted save")
+    position = state.data_position.get("next_example") if isinstance(state.data_position, dict) else None
+    if not isinstance(position, int) or position < 0:
+        raise SystemExit(f"--resume: {path} holds no position in the example stream (not saved by this script).")
     say(f"resumed from {path} (step {state.step})")
-    return state.step, int(state.data_position["next_example"])
+    return state.step, position
 
 
 def open_log(args, start: int, rank: int):
@@ -394,7 +397,7 @@ def export(model, args, source: str, rank: int, say) -> None:
     if args.lora:
         save_lora(model, out / "adapter.safetensors")
         merge_lora(model)
-    save_hf_checkpoint(model, out, source_dir=source_dir)
+    save_hf_checkpoint(model, out, source_dir=source_dir, force=True)  # --out also holds the training states
     say(f"saved the fine-tuned checkpoint to {out}")
 
 

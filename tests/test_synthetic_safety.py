@@ -1,5 +1,5 @@
 """``make-synthetic`` and the cached synthetic checkpoint never destroy what r4b did not write and never
-leave a half-written checkpoint (issue 11, point 1; r4b_core/output_dir.py).
+leave a half-written checkpoint (issue 11, point 1; r4b_weights/output_dir.py).
 
 The old writer replaced config.json and the tokenizer in place, deleted every ``model-*-of-*`` shard and
 index it found (its own or not) and kept everything else, so a stale ``chat_template.jinja`` then won over
@@ -16,7 +16,7 @@ import pytest
 
 import r4b_weights.safetensors_io as safetensors_io
 from r4b_core.cli import main
-from r4b_core.output_dir import MANIFEST_NAME
+from r4b_weights.output_dir import MANIFEST_NAME
 from r4b_core.synthetic import cached_synthetic_checkpoint, make_synthetic_checkpoint
 
 SHARD_BYTES = 20 * 1024**2  # the tiny preset (78 MB in fp32) then writes 4 shards + an index

@@ -168,6 +168,30 @@ def test_saving_a_step_again_replaces_it(tmp_path):
     assert read_manifest(latest_state(tmp_path))["data_position"] == "second"
 
 
+def test_saving_before_the_first_step_leaves_the_optimizer_fresh(tmp_path):
+    seed_everything(2)
+    net, opt, sched = build()
+    expected = [train_step(net, opt, sched) for _ in range(2)]
+    seed_everything(2)
+    net, opt, sched = build()
+    save_training_state(tmp_path, net, opt, step=0, scheduler=sched)
+    assert not opt.state  # (torch's get_state_dict initialises an empty optimizer by a zero-lr step)
+    assert [train_step(net, opt, sched) for _ in range(2)] == expected
+    seed_everything(2)
+    net, opt, sched = build(scramble=True)
+    load_training_state(latest_state(tmp_path), net, opt, scheduler=sched)
+    assert not opt.state and [train_step(net, opt, sched) for _ in range(2)] == expected
+
+
+def test_a_foreign_directory_under_a_state_name_is_refused_and_kept(tmp_path):
+    net, opt, _ = build()
+    (tmp_path / "state-00000007").mkdir()
+    (tmp_path / "state-00000007" / "mine.txt").write_text("not r4b's")
+    with pytest.raises(TrainingStateError, match="was not written by r4b"):
+        save_training_state(tmp_path, net, opt, step=7)
+    assert (tmp_path / "state-00000007" / "mine.txt").read_text() == "not r4b's"
+
+
 class Crash(Exception):
     pass
 

@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.output_dir import check_target
+    from r4b_weights.output_dir import check_target
     from r4b_core.synthetic import make_synthetic_checkpoint, read_with_checkpoint
     from r4b_weights import resolve_dtype
 

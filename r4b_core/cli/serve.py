@@ -1,7 +1,7 @@
 """``r4b serve``: an OpenAI-compatible chat server (r4b_core/serve/) on 127.0.0.1 by default.
 
     r4b serve --model DIR|HUB_ID [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] [--max-seq-len N]
-              [--max-queue N] [--thinking-mode auto] [--max-thinking-tokens N] [--compile] [--api-key KEY]
+              [--max-queue N] [--thinking-mode auto] [--max-thinking-tokens N] [--compile] [--quantize int8] [--api-key KEY]
               [--allow-remote-images] [--allow-local-images DIR] [--device] [--dtype]
 
 Every option is checked before the weights load. The server runs until SIGTERM or Ctrl-C, then stops
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from r4b_core.cli.common import (
     UsageError,
+    add_quantize,
     checkpoint_dir,
     compute_dtype,
     finite_float,
@@ -65,6 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
                         "answers (a request's max_thinking_tokens overrides it; default: no limit)")
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (CUDA graphs on GPU); the first step compiles")
+    add_quantize(s)
     s.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "triton"],
                    help="decode attention: auto (Triton on CUDA when supported, else SDPA), sdpa, or triton")
     s.add_argument("--api-key", metavar="KEY",
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from r4b_core.config import R4BConfig
     from r4b_core.model import R4BForConditionalGeneration
     from r4b_core.processor import R4BProcessor
+    from r4b_core.quantize import fast_linears
     from r4b_core.serve.api import ServerConfig, create_app
     from r4b_core.serve.engine import Engine
     from r4b_core.serve.images import DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     processor = R4BProcessor.from_pretrained(directory)
     processor.max_image_pixels = args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS  # the server's one image limit
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True)
+    fast_linears(model, args.quantize)  # int8 when asked; prepacked bf16 weights on a CPU with oneDNN bf16
     generation_config = processor.generation_config
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_queue=args.max_queue,

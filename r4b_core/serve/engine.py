@@ -19,12 +19,17 @@ Only the engine thread runs forwards. Other threads talk to it through ``submit`
 which the engine thread calls with each ``EngineEvent`` (keep it quick: hand the event to your own
 thread or event loop). Per request: its own sampling parameters and seeded generator, stop ids,
 ``max_new_tokens`` and an optional ``ThinkingBudget`` whose forced tokens replace the sampled ones.
+
+NaN / Inf logits (as generate() checks them: a row's fp32 sum, read back with the tokens in the host sync
+each step already has) finish that request alone with "error" (``NonFiniteLogitsError``'s message); its
+cache row is zeroed before the slot is reused, since masked-out slots must not hold NaN.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +38,14 @@ from typing import Any
 
 import torch
 
-from r4b_core.generate import check_lengths, compiled_decode_step, decode_step, prefill, sample_next_token
+from r4b_core.generate import (
+    NonFiniteLogitsError,
+    check_lengths,
+    compiled_decode_step,
+    decode_step,
+    prefill,
+    sample_next_token,
+)
 from r4b_core.generation_config import SamplingParams
 from r4b_core.kv_cache import KVCache
 from r4b_core.thinking_budget import ThinkingBudget
@@ -43,6 +55,12 @@ log = logging.getLogger("r4b.serve")
 _COUNTERS = ("prefill_tokens", "generated_tokens", "decode_steps", "finished_stop", "finished_length",
              "finished_cancelled", "finished_error")
 DEFAULT_MAX_SEQ_LEN = 4096  # the SDPA decode step attends over all S slots: a larger cache is slower per step
+
+
+def _nonfinite_error(step: int) -> str:
+    return (f"{NonFiniteLogitsError.__name__}: generation step {step} (0 = the first new token): the model's logits "
+            "hold NaN or Inf, so every token from here would be noise; the request was stopped. Check the weights "
+            "(r4b inspect --load) and the dtype (float16 overflows where bfloat16 does not).")
 
 
 class EngineError(RuntimeError):
@@ -264,10 +282,16 @@ class Engine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.device, self.dtype)
         try:
             logits = prefill(self.model, request.input_ids.to(self.device), row, **inputs)  # [1, V]
-            token = int(sample_next_token(logits, request.sampling, request._generator)[0])
+            # checked before sampling (multinomial refuses NaN); the fp32 sum is NaN / Inf iff the row holds one
+            finite = math.isfinite(logits.sum(dtype=torch.float32).item())
+            token = int(sample_next_token(logits, request.sampling, request._generator)[0]) if finite else -1
         except Exception as e:  # a bad request must not take the server down
             log.exception("prefill failed")
             self._finish(request, "error", slot, error=f"{type(e).__name__}: {e}")
+            return
+        if not finite:
+            log.warning("request stopped: non-finite logits at its prefill")
+            self._fail_nonfinite(slot, request, step=0)
             return
         self.counters["prefill_tokens"] += request.prompt_tokens
         self._accept_token(slot, request, token)
@@ -279,10 +303,16 @@ class Engine:
         tokens = torch.tensor(self._next_token, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
         try:
             logits = self._decode(self.model, tokens, self.cache)  # [B, V]
-            greedy = logits.argmax(dim=-1).tolist()
+            # argmax and each row's non-finite flag, read back together (the step's one host sync)
+            nonfinite = ~torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))  # [B]
+            greedy, bad = torch.stack([logits.argmax(dim=-1), nonfinite.long()]).tolist()
             chosen = {}
             for slot, request in enumerate(self._slots):
                 if request is None:
+                    continue
+                if bad[slot]:
+                    log.warning("request in slot %d stopped: non-finite logits", slot)
+                    self._fail_nonfinite(slot, request, step=len(request.tokens))
                     continue
                 if request.sampling.temperature == 0:
                     chosen[slot] = greedy[slot]
@@ -316,6 +346,13 @@ class Engine:
             self._finish(request, "cancelled", slot)
         else:
             self._next_token[slot] = token
+
+    def _fail_nonfinite(self, slot: int, request: EngineRequest, step: int) -> None:
+        """Finish ``request`` with "error" and zero its cache row: the next request in the slot masks those
+        positions out, but a masked NaN still poisons attention (0 * NaN)."""
+        self.cache.k[:, slot].zero_()
+        self.cache.v[:, slot].zero_()
+        self._finish(request, "error", slot, error=_nonfinite_error(step))
 
     def _drop_cancelled(self) -> None:
         for slot, request in enumerate(self._slots):

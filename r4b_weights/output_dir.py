@@ -1,9 +1,14 @@
-"""Writing a directory of files for the user (a synthetic checkpoint) without ever destroying theirs.
+"""Writing a directory of files for the user (a synthetic checkpoint, an export) without ever destroying theirs.
 
-    write_directory(target, fill, force=False, keeps_out=...)
+Used by ``r4b_core.synthetic`` (make-synthetic) and ``r4b_weights.export`` (save_hf_checkpoint); it imports
+nothing from r4b, so that the weights layer can use it.
+
+    write_directory(target, fill, force=False, keeps_out=..., reuse_own=False)
       1. checks first, before any expensive work:
          - ``target`` is a file                                   -> FileExistsError naming it
          - ``target`` holds anything and not ``force``            -> FileExistsError naming what it holds
+           (with ``reuse_own``, a directory holding only files its manifest lists, i.e. an earlier r4b
+           output, is accepted as if ``force`` were given)
          - ``force``, and ``target`` holds files r4b did not write (not in its manifest) that ``keeps_out``
            names (files a reader would take together with the new ones, e.g. a stale chat_template.jinja or
            a weight shard)                                         -> FileExistsError naming them
@@ -43,7 +48,8 @@ def read_manifest(directory: Path) -> set[str]:
         return set()
 
 
-def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], what: str) -> None:
+def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], what: str, *,
+                 reuse_own: bool = False) -> None:
     """Step 1 of ``write_directory`` alone (see the module docstring); ``what`` names the output in messages."""
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file, not a directory; {what} is a directory of files. "
@@ -53,13 +59,15 @@ def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], wh
     entries = [p.name for p in target.iterdir()]
     if not entries:
         return
+    ours = read_manifest(target)
+    if reuse_own and MANIFEST_NAME in entries and all(name in ours or name == MANIFEST_NAME for name in entries):
+        force = True  # an earlier r4b output and nothing else: replacing it is what the caller asked for
     if not force:
         raise FileExistsError(
             f"{target} is not empty (it holds {_names(entries)}); r4b writes {what} only into a new or empty "
             "directory. Choose another, or pass --force (force=True) to replace the files r4b wrote there "
             "(files it did not write are kept, never deleted)."
         )
-    ours = read_manifest(target)
     blocking = [name for name in entries if name not in ours and name != MANIFEST_NAME and keeps_out(name)]
     if blocking:
         raise FileExistsError(
@@ -79,14 +87,16 @@ def _staging_dir(target: Path) -> Path:
 
 
 def write_directory(target: str | Path, fill: Callable[[Path], None], *, force: bool = False,
-                    keeps_out: Callable[[str], bool] = lambda name: False, what: str = "the output") -> Path:
+                    keeps_out: Callable[[str], bool] = lambda name: False, what: str = "the output",
+                    reuse_own: bool = False) -> Path:
     """Write a directory with ``fill(staging_dir)``, safely (see the module docstring); returns ``target``."""
     target = Path(target).expanduser()
-    check_target(target, force, keeps_out, what)
+    check_target(target, force, keeps_out, what, reuse_own=reuse_own)
     staging = _staging_dir(target)
     try:
         fill(staging)
-        written = sorted(p.name for p in staging.iterdir() if p.is_file())  # a flat directory of files
+        # a flat directory of files; a manifest that ``fill`` left (a nested r4b write) is replaced by this one
+        written = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
         manifest = {"written_by": "r4b", "what": what, "files": written}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _commit(staging, target, set(written))
