@@ -47,6 +47,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,7 +356,8 @@ def load_training_state(
     weights = manifest.get("weights", "trainable")
     rank, _ = _rank_world()
     target_sharded = _is_sharded(model)
-    full_into_sharded = target_sharded and not manifest["sharded"]
+    saved_sharded = bool(manifest.get("sharded", False))
+    full_into_sharded = target_sharded and not saved_sharded
     template_model, template_optim = get_state_dict(model, optimizer, options=_options(weights))
     template: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
@@ -367,14 +369,16 @@ def load_training_state(
                      subset=True)
     if scheduler is not None and tree["scheduler"] is None:
         raise TrainingStateError(f"{path}: the state holds no LR scheduler state, but a scheduler was given.")
-    if manifest["sharded"]:
+    if saved_sharded:
         import torch.distributed.checkpoint as dcp
 
         encode(tree["scheduler"], "scheduler", template, seen)  # (schedulers hold no tensors in practice)
         tensors = {k: template[k] for k in tensor_keys(tree)}
         try:
-            dcp.load(tensors, checkpoint_id=str(path / SHARDED_DIR),  # in place, each rank its own shards
-                     no_dist=not (dist.is_available() and dist.is_initialized()))
+            with warnings.catch_warnings():  # one process reading a sharded state is intended here
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(tensors, checkpoint_id=str(path / SHARDED_DIR),  # in place, each rank its own shards
+                         no_dist=not (dist.is_available() and dist.is_initialized()))
         except Exception as e:  # dcp raises CheckpointException and friends; name the state
             raise TrainingStateError(f"{path / SHARDED_DIR}: torch.distributed.checkpoint could not load it "
                                      f"({type(e).__name__}: {str(e)[:300]}).") from None
@@ -403,5 +407,5 @@ def load_training_state(
         set_rng_state(read_json(rng_file), rng_file)
     _barrier()
     return TrainingState(path=path, step=manifest["step"], data_position=manifest.get("data_position"),
-                         extra=manifest.get("extra") or {}, sharded=bool(manifest["sharded"]),
+                         extra=manifest.get("extra") or {}, sharded=saved_sharded,
                          world_size=int(manifest.get("world_size", 1)))
