@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,7 +169,12 @@ def save_lora(model: nn.Module, path: str | Path) -> Path:
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    partial = path.with_name(f".{path.name}.partial")  # written whole, then renamed: a crash keeps the old file
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

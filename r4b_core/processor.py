@@ -22,7 +22,8 @@ Everything is read from the checkpoint (DESIGN.md decision 10):
   ``tokenizer_config.json``; ``BUILTIN_CHAT_TEMPLATE`` when the checkpoint has none.
 
 The chat-template machinery (jinja environment, lookup, the built-in template) is in chat_template.py;
-supervised examples and their batches in training_data.py; the thinking split of outputs in chat.py.
+messages -> conversations and their images in conversation.py; supervised
+examples and their batches in training_data.py; the thinking split of outputs in chat.py.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ from r4b_core.chat_template import (  # noqa: F401  (BUILTIN_CHAT_TEMPLATE, Chat
     render_chat_template,
 )
 from r4b_core.config import R4BConfig
+from r4b_core.conversation import (
+    images_per_sample,
+    as_conversations,
+    check_unicode,
+    conversation_images,
+)
 from r4b_core.generation_config import GenerationConfig
 from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
 from r4b_core.json_io import read_json_if_present
@@ -292,7 +299,7 @@ class R4BProcessor:
                 if not p:
                     raise ValueError(f"text[{i}] is an empty string." if len(prompts) > 1
                                      else "text is an empty string.")
-            samples = _images_per_sample(images, None, len(prompts))
+            samples = images_per_sample(images, None, len(prompts))
         encoded, out = self.encode_with_images(prompts, samples)
         rows = [e.ids for e in encoded]
         width = max(len(r) for r in rows)
@@ -393,87 +400,3 @@ def _special_tokens(directory: Path, tokenizer_config: dict) -> dict[str, str]:
     if isinstance(extra, Mapping):
         out.update({k: t for k, v in extra.items() if (t := _token_text(v)) is not None})
     return out
-
-
-def check_unicode(text: str, what: str) -> None:
-    """The tokenizer takes valid Unicode only: a lone surrogate (left by a broken decode) is a ValueError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds {text[e.start:e.end]!r} at character {e.start}: a lone surrogate, not valid "
-                         "Unicode text; fix the decoding that produced it (e.g. decode with errors='replace').") from None
-
-
-def as_conversations(messages: Any) -> tuple[list[list[Any]], bool]:
-    """(conversations, batched) from one conversation or a list of them; empty ones are errors."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages should be a non-empty list of {'role', 'content'} dicts, or a list of such lists.")
-    batched = isinstance(messages[0], (list, tuple))
-    if batched and not all(isinstance(c, (list, tuple)) for c in messages):
-        raise ValueError("messages mixes conversations (lists) and other items; give one list of message dicts, "
-                         "or a list of such lists.")
-    conversations = [list(c) for c in messages] if batched else [list(messages)]
-    for i, conv in enumerate(conversations):
-        if not conv:
-            raise ValueError(f"conversation {i} is empty; give at least one message." if batched else
-                             "the conversation is empty; give at least one message.")
-    return conversations, batched
-
-
-_NO_PAYLOAD = object()
-
-
-def _images_in_conversation(conversation: list[Any]) -> list[Any]:
-    """The images of a conversation's ``{"type": "image"}`` items, in order (``_NO_PAYLOAD`` for an item
-    that only marks a place: its image comes from ``images=``)."""
-    found = []
-    for message in conversation:
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if not isinstance(content, (list, tuple)):
-            continue
-        for item in content:
-            kind = item.get("type") if isinstance(item, Mapping) else None
-            if kind in ("video", "audio"):
-                raise ValueError(f"R-4B takes images and text; a '{kind}' content item is not supported.")
-            if kind != "image":
-                continue
-            if "base64" in item:
-                raise ValueError("base64 image items are not decoded; pass a PIL image, an array or a file path.")
-            payload = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), _NO_PAYLOAD)
-            if isinstance(payload, str) and payload.split(":", 1)[0].lower() in ("http", "https", "data"):
-                raise ValueError(f"image URLs are not fetched ({payload[:60]!r}); download it and pass the file path.")
-            found.append(payload)
-    return found
-
-
-def conversation_images(conversations: list[list[Any]], images: Any) -> list[list[Any]]:
-    """One list of images per conversation: the payloads of its ``{"type": "image", "image" | "url" | "path"}``
-    items, or (when the items only mark places) ``images=``: one list per conversation, or a flat list (or
-    one image) for a single conversation. Giving images both ways is an error."""
-    return _images_per_sample(images, [_images_in_conversation(c) for c in conversations], len(conversations))
-
-
-def _images_per_sample(images: Any, in_messages: list[list[Any]] | None, batch: int) -> list[list[Any]]:
-    """One list of images per sample, from the messages or from ``images=`` (never both)."""
-    if in_messages is not None and any(x is not _NO_PAYLOAD for s in in_messages for x in s):
-        if images is not None:
-            raise ValueError("images are given both inside the messages and as images=; give them one way.")
-        if any(x is _NO_PAYLOAD for s in in_messages for x in s):
-            raise ValueError("some image items carry an image ('image', 'url' or 'path') and some do not.")
-        return [list(s) for s in in_messages]
-    if images is None or (isinstance(images, (list, tuple)) and not images):
-        return [[] for _ in range(batch)]
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    nested = [x is None or isinstance(x, (list, tuple)) for x in images]
-    if images and all(nested):
-        if len(images) != batch:
-            raise ValueError(f"images has {len(images)} per-sample lists for {batch} prompt(s).")
-        return [list(x or []) for x in images]
-    if any(nested):
-        raise ValueError(
-            "images mixes lists and single images; give one list per sample, or a flat list for one sample."
-        )
-    if batch != 1:
-        raise ValueError(f"with {batch} prompts, give images as one list per prompt (e.g. [[img], []]).")
-    return [list(images)]

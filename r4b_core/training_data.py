@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from r4b_core.chat_template import render_chat_template
-from r4b_core.processor import R4BProcessor, as_conversations, check_thinking_mode, conversation_images
+from r4b_core.conversation import as_conversations, conversation_images
+from r4b_core.processor import R4BProcessor, check_thinking_mode
 
 IGNORE_INDEX = -100  # labels: no loss at this position (torch's cross_entropy default)
 

@@ -16,7 +16,7 @@ the summed token cross entropy divided by the number of target tokens in the who
 micro-batches, all ranks), so a run's loss curve does not depend on how the step is split over
 micro-batches or processes. At the end the model (LoRA merged) is written with ``save_hf_checkpoint``
 to ``--out`` together with the source checkpoint's tokenizer / processor files, so transformers and
-``R4BProcessor`` load it as they load the original (with ``--lora`` also ``adapter.safetensors``).
+``R4BProcessor`` load it as they load the original (with ``--lora`` the adapters alone also go to ``lora/adapter.safetensors``).
 
 Crash safety. ``--save-every N`` writes the full training state (trainable weights, optimizer, LR
 schedule, the position in the example stream, RNG states; ``r4b_core.training_state``) to
@@ -394,8 +394,8 @@ def export(model, args, source: str, rank: int, say) -> None:
         if model.config.tie_lm_head:
             model.language_model.tie_weights()
     model = model.cpu().eval()
-    if args.lora:
-        save_lora(model, out / "adapter.safetensors")
+    if args.lora:  # in a subfolder: a stray *.safetensors beside the export's weights would be read as a shard
+        save_lora(model, out / "lora" / "adapter.safetensors")
         merge_lora(model)
     save_hf_checkpoint(model, out, source_dir=source_dir, force=True)  # --out also holds the training states
     say(f"saved the fine-tuned checkpoint to {out}")

@@ -168,5 +168,5 @@ def test_fsdp2_with_lora_activation_checkpointing_and_frozen_vision(tmp_path):
     assert max(abs(a - b) / a for a, b in zip(norms_one, norms_two)) <= 1e-4
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("single", "fsdp"))
+    a, b = (load_file(str(tmp_path / d / "lora" / "adapter.safetensors")) for d in ("single", "fsdp"))
     assert a.keys() == b.keys() and len(a) == 16 and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
