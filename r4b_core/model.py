@@ -244,12 +244,12 @@ class R4BForConditionalGeneration(nn.Module):
         extra pass over the weights).
         """
         from r4b_core.devices import check_device
-        # not at the top: r4b_weights imports r4b_core.config, and r4b_core/__init__.py imports this module
-        from r4b_weights.loader import load_r4b_weights, open_checkpoint
+        from r4b_weights.loader import check_layer_counts, load_r4b_weights, open_checkpoint  # the layer below, on use
 
         device = check_device(device)
         directory, config_path, raw = open_checkpoint(path_or_repo, revision)
         config = R4BConfig.from_hf_dict(raw, source=str(config_path))
+        check_layer_counts(directory, config, config_path, raw)  # before building that many layers
         with torch.device("meta"):
             model = cls(config)
         return load_r4b_weights(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()

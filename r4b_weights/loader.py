@@ -28,6 +28,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable
 
@@ -131,10 +132,45 @@ def _check_config(
                 f"{key} = {value}, but tensor '{hf}' in {infos[hf].file.name} has shape {list(shapes[name])} "
                 f"(dimension {dim} is {shapes[name][dim]})"
             )
+    problems += _layer_count_problems(layer_counts, shapes)
+    if problems:
+        raise ConfigMismatchError(f"{config_path} disagrees with the checkpoint's tensors: " + "; ".join(problems) + ".")
+
+
+def _layer_count_problems(layer_counts: list[tuple[str, str, int]], names: Iterable[str]) -> list[str]:
+    """For each (regex with the layer index as group 1, config key, count): a message when the layer indices
+    in ``names`` are not exactly 0..count-1."""
+    problems = []
     for pattern, key, value in layer_counts:
-        found = {int(m.group(1)) for n in shapes if (m := re.match(pattern, n))}
+        found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
         if found and found != set(range(value)):
             problems.append(f"{key} = {value}, but the checkpoint has layers {min(found)}..{max(found)} ({len(found)} layers)")
+    return problems
+
+
+def check_layer_counts(directory: str | Path, config: R4BConfig | TextConfig, config_path: str | Path,
+                       raw: dict) -> None:
+    """The config's layer counts against the checkpoint's tensor names (safetensors headers only), run by
+    ``from_pretrained`` BEFORE the model is built: a config.json that asks for 100000 layers must be refused
+    in milliseconds, not after minutes and gigabytes of building them on the meta device."""
+    files, index = find_weight_files(Path(directory))
+    names = []
+    for hf in read_headers(files, index):
+        try:
+            ours = hf_to_ours(hf)
+        except UnknownTensorName:
+            continue  # reported by the full load
+        if ours is not None:
+            names.append(ours)
+    text_rule = r"language_model\.model\.layers\.(\d+)\."
+    if isinstance(config, R4BConfig):
+        rules = [(text_rule, "text_config.num_hidden_layers", config.text_config.num_hidden_layers),
+                 (r"vision_tower\.encoder\.layers\.(\d+)\.", "vision_config.num_hidden_layers",
+                  config.vision_config.num_hidden_layers)]
+    else:
+        key = "text_config.num_hidden_layers" if "text_config" in raw else "num_hidden_layers"
+        rules = [(text_rule, key, config.num_hidden_layers)]
+    problems = _layer_count_problems(rules, names)
     if problems:
         raise ConfigMismatchError(f"{config_path} disagrees with the checkpoint's tensors: " + "; ".join(problems) + ".")
 
