@@ -8,6 +8,7 @@ compare with it run (and `pytest.importorskip("transformers")` can skip) without
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
@@ -197,3 +198,19 @@ def tiny_reference(tiny_checkpoint: Path) -> torch.nn.Module:
     yield model
     # no hook check: transformers attaches its own output-recording hooks to the layers on the first forward
     _check_shared_model_untouched(model, state, "tiny_reference", hooks=False)
+
+
+def fail_on_second_write(monkeypatch) -> list:
+    """safetensors' save_file succeeds once, then fails as a full disk does."""
+    from r4b_weights import safetensors_io as _sio
+
+    real, calls = _sio.save_file, []
+
+    def save_file(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_sio, "save_file", save_file)
+    return calls

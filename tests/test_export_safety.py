@@ -10,14 +10,13 @@ on it. (Re-exporting into the same directory is also tested in test_weights.py.)
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
 import pytest
+from conftest import fail_on_second_write
 import torch
 
-import r4b_weights.safetensors_io as safetensors_io
 from r4b_core import Qwen3ForCausalLM
 from r4b_core.config import TextConfig
 from r4b_weights import save_hf_checkpoint
@@ -110,25 +109,12 @@ def test_re_export_over_an_earlier_export_needs_no_force(tmp_path):
     assert not list((tmp_path / "out").glob("model-*")) and same_weights(tmp_path / "out", newer)
 
 
-def _fail_on_second_write(monkeypatch) -> list:
-    real, calls = safetensors_io.save_file, []
-
-    def save_file(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(safetensors_io, "save_file", save_file)
-    return calls
-
-
 def test_a_full_disk_half_way_leaves_the_previous_export_intact(tmp_path, monkeypatch):
     target = tmp_path / "out"
     first = small_model(1)
     save_hf_checkpoint(first, target, max_shard_bytes=SHARD_BYTES)
     before = snapshot(target)
-    calls = _fail_on_second_write(monkeypatch)
+    calls = fail_on_second_write(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         save_hf_checkpoint(small_model(2), target, max_shard_bytes=SHARD_BYTES)
     assert len(calls) == 2  # it did fail on the second shard
@@ -138,7 +124,7 @@ def test_a_full_disk_half_way_leaves_the_previous_export_intact(tmp_path, monkey
 
 
 def test_a_full_disk_half_way_leaves_a_new_target_absent(tmp_path, monkeypatch):
-    _fail_on_second_write(monkeypatch)
+    fail_on_second_write(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         save_hf_checkpoint(small_model(1), tmp_path / "new", max_shard_bytes=SHARD_BYTES)
     assert not (tmp_path / "new").exists() and leftovers(tmp_path, "new") == []

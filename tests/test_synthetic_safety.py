@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import fail_on_second_write
 
 import r4b_weights.safetensors_io as safetensors_io
 from r4b_core.cli import main
@@ -92,22 +93,8 @@ def test_force_replaces_only_what_r4b_wrote(tmp_path):
     assert leftovers(tmp_path, "d") == []
 
 
-def _fail_on_second_write(monkeypatch):
-    """safetensors' save_file succeeds once, then fails as a full disk does."""
-    real, calls = safetensors_io.save_file, []
-
-    def save_file(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(safetensors_io, "save_file", save_file)
-    return calls
-
-
 def test_a_full_disk_half_way_leaves_a_new_target_absent(tmp_path, monkeypatch):
-    calls = _fail_on_second_write(monkeypatch)
+    calls = fail_on_second_write(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         make_synthetic_checkpoint(tmp_path / "new", max_shard_bytes=SHARD_BYTES)
     assert len(calls) == 2  # it did fail half-way through the shards
@@ -118,7 +105,7 @@ def test_a_full_disk_half_way_leaves_an_earlier_checkpoint_intact(tmp_path, monk
     target = tmp_path / "d"
     make_synthetic_checkpoint(target, seed=2)
     before = snapshot(target)
-    _fail_on_second_write(monkeypatch)
+    fail_on_second_write(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         make_synthetic_checkpoint(target, seed=3, max_shard_bytes=SHARD_BYTES, force=True)
     assert snapshot(target) == before and leftovers(tmp_path, "d") == []
