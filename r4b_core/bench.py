@@ -1,19 +1,23 @@
 """``r4b bench``: decode, prefill and load speed of r4b against transformers and against physics.
 
 What one run measures, on one set of weights (a random-init preset, or a checkpoint):
-- decode (r4b_core/bench_decode.py): per-step times of r4b in float32, bfloat16 and int8 (batch 1), of
-  the compiled step in the main dtype, and of r4b vs transformers' ``generate`` at batch 1, 4 and 8,
-  all alternating in one process; each with its share of its own bandwidth limit;
+- decode (r4b_core/bench_decode.py): per-step times of r4b's decode variants at batch 1 (default
+  float32, float32-plain, bfloat16, int8), of the compiled step in the main dtype, and of r4b vs
+  transformers' ``generate`` at batch 1, 4 and 8, all alternating in one process; each with its share
+  of its own bandwidth limit;
 - prefill (r4b_core/bench_prefill.py): a text prompt, an image prompt and the vision stage, r4b vs
   transformers;
 - load (r4b_core/bench_load.py): load time and peak RSS, r4b vs transformers' ``from_pretrained``, each
   in a fresh process;
-- the logit error of bfloat16 and int8 against float32 on the prompt (max abs, relative to max |logit|).
+- the logit error of every variant against float32-plain on the prompt (max abs, relative to max |logit|).
 
-The bfloat16 variant is what ``r4b generate --dtype bfloat16`` runs (on a CPU with oneDNN bf16:
-prepacked weights, r4b_core/quantize.py); int8 is ``--dtype bfloat16 --quantize int8``. The main dtype
-(``--dtype``, with ``--quantize``) is the one compared with transformers. The top level of the result
-holds the headline figures; every ratio or share has ``ratio`` or ``share`` in its key.
+A variant is a dtype and what ``--quantize`` makes of its linears (r4b_core/quantize.py): ``float32`` /
+``bfloat16`` are what ``r4b generate --dtype ...`` runs (``--quantize auto``: oneDNN-prepacked weights on
+a CPU), ``float32-plain`` / ``bfloat16-plain`` the weights as loaded (``--quantize none``, transformers'
+``F.linear``), ``int8`` is ``--dtype bfloat16 --quantize int8``. The main variant (``--dtype`` with
+``--quantize``) is the one compared with transformers; the compiled step runs its dtype as loaded (packed
+weights cannot be traced). The top level of the result holds the headline figures; every ratio or share
+has ``ratio`` or ``share`` in its key.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import torch
 
 from r4b_core.bench_decode import decode_bytes_per_step, ours_variant, run_rounds, transformers_variant
 from r4b_core.config import preset
-from r4b_core.quantize import fast_linears, quantize_model
+from r4b_core.quantize import fast_linears
 
-LOW_PRECISION_VARIANTS = ("float32", "bfloat16", "int8")
+DEFAULT_VARIANTS = ("float32", "float32-plain", "bfloat16", "int8")
+VARIANTS = ("float32", "float32-plain", "bfloat16", "bfloat16-plain", "float16", "int8")
 
 
 @dataclass
@@ -41,14 +46,14 @@ class BenchOptions:
     preset: str = "small"  # used when model_dir is None
     model_dir: str | None = None
     dtype: torch.dtype = torch.float32  # the main dtype: compiled, batched, prefill and transformers runs
-    quantize: str = "none"  # the main variant's linears: "none" or "int8"
+    quantize: str = "auto"  # the main variant's linears: "auto", "none" or "int8" (as --quantize)
     device: str = "cpu"
     prompt_tokens: int = 128
     max_new_tokens: int = 32
     repeats: int = 3  # rounds at least
     max_repeats: int = 9  # rounds at most, while the spread is above max_spread
     max_spread: float = 0.10
-    variants: tuple[str, ...] = LOW_PRECISION_VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     compile: bool = True
     transformers: bool = True
@@ -61,22 +66,45 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _variant_model(source: torch.nn.Module, source_dtype: torch.dtype, name: str,
-                   quantize: str = "none") -> tuple[torch.nn.Module, str]:
-    """``source`` as decode variant ``name`` ('float32', 'bfloat16', 'float16' or 'int8' = bf16 activations,
-    int8 weights) with the CLI's linear speed-up; returns (model, the linear mode applied). A copy, except
-    for a variant that is the source as it is (its dtype, nothing to swap)."""
+def variant_spec(name: str) -> tuple[torch.dtype, str]:
+    """A variant's (dtype, --quantize): 'float32' -> (float32, auto), 'bfloat16-plain' -> (bfloat16, none),
+    'int8' -> (bfloat16, int8)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown bench variant {name!r}; choose from {', '.join(VARIANTS)}.")
     if name == "int8":
-        name, quantize = "bfloat16", "int8"
-    dtype = getattr(torch, name)
-    if dtype == source_dtype and quantize == "none" and dtype != torch.bfloat16:
-        return source, fast_linears(source)
+        return torch.bfloat16, "int8"
+    dtype_name, _, plain = name.partition("-")
+    return getattr(torch, dtype_name), "none" if plain else "auto"
+
+
+def variant_name(dtype: torch.dtype, quantize: str) -> str:
+    """The inverse of ``variant_spec`` (int8 over a dtype other than bf16 is '<dtype>-int8')."""
+    if quantize == "int8":
+        return "int8" if dtype == torch.bfloat16 else f"{_dtype_name(dtype)}-int8"
+    return _dtype_name(dtype) + ("-plain" if quantize == "none" else "")
+
+
+def _variant_model(source: torch.nn.Module, source_dtype: torch.dtype, dtype: torch.dtype, quantize: str,
+                   compile: bool = False) -> tuple[torch.nn.Module, str]:
+    """``source`` in ``dtype`` with ``fast_linears(quantize)``; returns (model, the linear mode applied). The
+    source itself when nothing changes, else a copy (int8 quantizes the source's weights before any cast)."""
+    if dtype == source_dtype and fast_linears_mode(source, quantize, compile) == "none":
+        return source, "none"
     model = copy.deepcopy(source)
     if quantize == "int8":
-        quantize_model(model, "int8")  # from the source weights, before any rounding to bf16
+        fast_linears(model, "int8")  # from the source's weights, before any rounding to the target dtype
         return model.to(dtype), "int8"
     model = model.to(dtype)
-    return model, fast_linears(model)
+    return model, fast_linears(model, quantize, compile=compile)
+
+
+def fast_linears_mode(model: torch.nn.Module, quantize: str, compile: bool) -> str:
+    """The mode ``fast_linears`` would apply to ``model`` (without applying it)."""
+    from r4b_core.quantize import prepack_available
+
+    if quantize == "auto":
+        return "prepacked" if not compile and prepack_available(model) else "none"
+    return quantize
 
 
 def _logit_error(reference: torch.nn.Module, other: torch.nn.Module, ids: torch.Tensor) -> dict:
@@ -112,18 +140,23 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     device = torch.device(options.device)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     main_name = _dtype_name(options.dtype)
-    wanted = set(options.variants) | {main_name}
-    source_dtype = torch.float32 if wanted & {"float32", "int8"} else options.dtype
+    specs = {name: variant_spec(name) for name in options.variants}
+    main_key = variant_name(options.dtype, options.quantize)
+    specs.setdefault(main_key, (options.dtype, options.quantize))
+    needs_fp32 = any(d == torch.float32 or q == "int8" for d, q in specs.values())
+    source_dtype = torch.float32 if needs_fp32 else options.dtype
     source, label = _load_source(options, source_dtype, device, progress)
     config = source.config
 
     models: dict[str, torch.nn.Module] = {}
     modes: dict[str, str] = {}
-    for name in options.variants:
-        models[name], modes[name] = _variant_model(source, source_dtype, name)
-    main_key = "int8" if options.quantize == "int8" else main_name
-    if main_key not in models:
-        models[main_key], modes[main_key] = _variant_model(source, source_dtype, main_name, options.quantize)
+    for name, (dtype, quantize) in specs.items():
+        models[name], modes[name] = _variant_model(source, source_dtype, dtype, quantize)
+    main_model = models[main_key]
+    compiled_model = None
+    if options.compile:  # the main dtype as it would be compiled (prepacked weights cannot be traced)
+        compiled_model, _ = _variant_model(source, source_dtype, options.dtype, options.quantize, compile=True)
+    reference_name = "float32-plain" if "float32-plain" in models else None
 
     gen = torch.Generator().manual_seed(0)
     text_ids = torch.randint(0, 1000, (max(options.batch_sizes + (1,)), options.prompt_tokens), generator=gen)
@@ -145,9 +178,8 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     variants = [ours_variant(name, models[name], text_ids[:1], n, compile=False, context=context)
                 for name in options.variants]
     by_name = {v.name: v for v in variants}
-    main_model = models[main_key]
-    if options.compile:
-        variants.append(ours_variant(f"{main_key} compiled", main_model, text_ids[:1], n, compile=True,
+    if compiled_model is not None:
+        variants.append(ours_variant(f"{main_name} compiled", compiled_model, text_ids[:1], n, compile=True,
                                      context=context))
     batch_names: dict[int, tuple[str, str | None]] = {}
     for b in options.batch_sizes:
@@ -175,17 +207,20 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
         "prompt_tokens": options.prompt_tokens, "max_new_tokens": n, "linear_modes": modes,
         "copy_bandwidth": decode["copy_bandwidth"], "decode": results,
     }
-    for name in list(options.variants) + ([f"{main_key} compiled"] if options.compile else []):
-        key = name.replace(" ", "_")
+    for name in list(options.variants) + ([f"{main_name} compiled"] if options.compile else []):
+        key = name.replace(" ", "_").replace("-", "_")
         result[f"decode_tokens_per_s_{key}"] = results[name]["tokens_per_s"]
         result[f"decode_share_of_limit_{key}"] = results[name]["share_of_limit"]
-    if "float32" in results:
-        for name in ("bfloat16", "int8"):
-            if name in results:
-                result[f"decode_speed_ratio_{name}_vs_float32"] = (results[name]["tokens_per_s"]
-                                                                   / results["float32"]["tokens_per_s"])
+    for base in ("float32", "float32-plain"):
+        for name in options.variants:
+            if base in results and name != base and name in results and name not in ("float32", "float32-plain"):
+                result[f"decode_speed_ratio_{name.replace('-', '_')}_vs_{base.replace('-', '_')}"] = (
+                    results[name]["tokens_per_s"] / results[base]["tokens_per_s"])
+    if "float32" in results and "float32-plain" in results:
+        result["decode_speed_ratio_float32_vs_float32_plain"] = (results["float32"]["tokens_per_s"]
+                                                                 / results["float32-plain"]["tokens_per_s"])
     if options.compile and main_key in results:
-        result["decode_speed_ratio_compiled_vs_eager"] = (results[f"{main_key} compiled"]["tokens_per_s"]
+        result["decode_speed_ratio_compiled_vs_eager"] = (results[f"{main_name} compiled"]["tokens_per_s"]
                                                           / results[main_key]["tokens_per_s"])
     result["batches"] = {}
     for b, (ours_name, ref_name) in batch_names.items():
@@ -197,9 +232,10 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
             result[f"batch{b}_throughput_ratio_ours_vs_transformers"] = ratio
         result["batches"][str(b)] = entry
 
-    if "float32" in models:
-        result["logit_error_vs_float32"] = {name: _logit_error(models["float32"], models[name], text_ids[:1])
-                                            for name in models if name != "float32"}
+    if reference_name is not None:
+        result["logit_error_vs_float32_plain"] = {
+            name: _logit_error(models[reference_name], models[name], text_ids[:1])
+            for name in models if name != reference_name}
 
     if options.prefill:
         image_ids, image_inputs = image_prompt(config, device, options.dtype, options.prompt_tokens // 4)
@@ -212,7 +248,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
             if "time_ratio_ours_vs_transformers" in prefill[stage]:
                 result[f"{stage}_time_ratio_ours_vs_transformers"] = prefill[stage]["time_ratio_ours_vs_transformers"]
 
-    del ref, models, source, main_model, variants, by_name
+    del ref, models, source, main_model, compiled_model, variants, by_name
     if options.load:
         from r4b_core.synthetic import cached_synthetic_checkpoint
 
@@ -251,10 +287,10 @@ def format_table(result: dict) -> str:
     for key, value in result.items():
         if ("ratio" in key or "share" in key) and isinstance(value, float) and not key.startswith("decode_share"):
             lines.append(f"  {key:<52} {value:8.3f}")
-    if "logit_error_vs_float32" in result:
-        for name, e in result["logit_error_vs_float32"].items():
-            lines.append(f"logits {name} vs float32: max abs {e['max_abs']:.3g} ({100 * e['relative_to_max_logit']:.2f} % "
-                         f"of max |logit|), same argmax: {e['same_argmax']}")
+    if "logit_error_vs_float32_plain" in result:
+        for name, e in result["logit_error_vs_float32_plain"].items():
+            lines.append(f"logits {name} vs float32-plain: max abs {e['max_abs']:.3g} "
+                         f"({100 * e['relative_to_max_logit']:.2f} % of max |logit|), same argmax: {e['same_argmax']}")
     if "prefill" in result:
         pre = result["prefill"]
         for stage in ("prefill_text", "prefill_image", "vision"):
@@ -266,9 +302,10 @@ def format_table(result: dict) -> str:
         for side in ("ours", "transformers"):
             if side in result["load"]:
                 v = result["load"][side]
-                lines.append(f"load {side:<13} {v['load_s_median']:7.2f} s ({v['load_s_min']:.2f}-{v['load_s_max']:.2f}, "
-                             f"{v['runs']} fresh processes), peak RSS {v['peak_rss_bytes'] / 2**20:.0f} MiB "
-                             f"({v['rss_after_import_bytes'] / 2**20:.0f} MiB after imports)")
+                lines.append(f"load {side:<13} {v['load_s_median']:7.2f} s ({v['load_s_min']:.2f}-"
+                             f"{v['load_s_max']:.2f}, {v['runs']} fresh processes), peak RSS "
+                             f"{v['peak_rss_bytes'] / 2**20:.0f} MiB ({v['rss_after_import_bytes'] / 2**20:.0f} MiB "
+                             "after imports)")
     lines.append(f"peak memory of this process {result['peak_memory_bytes'] / 2**30:.2f} GiB; load average at the end "
                  f"{result['load_average_1min_end']}")
     return "\n".join(lines)

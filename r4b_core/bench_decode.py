@@ -8,8 +8,9 @@ The figure is the median of all per-step times of all rounds: on a shared CPU, w
 can steal a core for a few milliseconds, the median is stable where a mean or a total is not.
 
 Rounds run every variant once, in turn (A, B, C, A, B, C, ...), and each round also times a large
-copy, so a slow spell hits every variant alike. After ``min_rounds``, rounds continue (up to
-``max_rounds``) while any variant's per-round medians spread by more than ``max_spread``.
+copy (the fastest of 3 back to back), so a slow spell hits every variant alike. After ``min_rounds``,
+rounds continue (up to ``max_rounds``) while any variant's per-round medians spread by more than
+``max_spread``.
 
 Bandwidth limit of a variant = batch x copy bandwidth / bytes read per step, where the bytes are every
 weight of the language model that a decode step reads (decoder layers, final norm, lm_head; int8
@@ -168,7 +169,7 @@ def run_rounds(variants: list[DecodeVariant], device: torch.device, max_new_toke
     bandwidths: list[float] = []
     for r in range(max_rounds):
         progress(f"decode round {r + 1} (at least {min_rounds}, at most {max_rounds}) ...")
-        bandwidths.append(2 * nbytes / copy_once())
+        bandwidths.append(2 * nbytes / min(copy_once() for _ in range(3)))  # warm: the first copy wakes threads
         for v in variants:
             v.add_round(v.run(max_new_tokens))
         if r + 1 >= min_rounds and all(spread(v.round_medians) <= max_spread for v in variants):

@@ -4,22 +4,24 @@ Decoding one token is a chain of matrix-vector products (M = batch = 1..8 rows a
 so its speed is the speed at which the weights stream from memory. Two replacements for
 ``nn.Linear``, applied to the language model after its weights are loaded:
 
+- ``prepacked``: the same float32 or bfloat16 weights, reordered once into oneDNN's blocked layout
+  (``mkldnn._reorder_linear_weight``) and run with ``mkldnn._linear_pointwise``; the plain weight is not
+  kept (``weight`` and the state_dict unpack it on demand), so memory does not grow. Measured on the
+  2-core AVX-512 BF16 CPU of BENCHMARKS.md: ``F.linear`` streams the weights at 15-21 GB/s there (float32
+  and bf16 alike), the prepacked call at 36-48 GB/s; prefill GEMMs get faster too.
 - ``int8``: weight-only int8 with one scale per output channel (symmetric, round to nearest): 1 byte
   per weight instead of 2 (bf16) or 4 (fp32). Activations run in bfloat16 through
   ``aten._weight_int8pack_mm``; outputs are cast back to the input's dtype. Long inputs (prefill, more
   than ``INT8_KERNEL_MAX_ROWS`` rows) dequantize the weight to bf16 for the call and use a plain GEMM,
   which is compute-bound there anyway.
-- ``bf16-prepacked``: the same bf16 weights, reordered once into oneDNN's blocked layout
-  (``mkldnn._reorder_linear_weight``) and run with ``mkldnn._linear_pointwise``. On plain (unpacked)
-  bf16 weights the same oneDNN call runs at about a third of that speed at M = 1 on the AVX-512 BF16
-  CPU of BENCHMARKS.md; so does ``F.linear``.
 
-``quantize_model(model, mode)`` swaps every ``nn.Linear`` of the language model (decoder layers and
-lm_head; the vision tower and the projector only run at prefill and keep theirs) and returns how many
-it swapped; ``fast_linears(model, quantize)`` is what the CLI calls after loading (int8 when asked,
-else prepacked bf16 where it applies). The model stays stateless. With int8 its state_dict holds the
-replacement's tensors (``weight`` int8 + ``scales``), so quantize after loading and export before
-quantizing; prepacking leaves the state_dict as it was.
+``quantize_model(model, mode)`` swaps the linears in place and returns how many: int8 those of the
+language model (decoder layers and lm_head; the vision tower and the projector only run at prefill and
+keep their weights), prepacked every ``nn.Linear`` (prefill GEMMs run faster through oneDNN too).
+``fast_linears(model, quantize)`` is what the CLI's ``--quantize auto|none|int8`` calls after loading.
+The model stays stateless. With int8 its state_dict holds the replacement's tensors (``weight`` int8 +
+``scales``), so quantize after loading and export before quantizing; prepacking leaves the state_dict's
+names, shapes and values as they were.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-QUANTIZE_MODES = ("none", "int8", "bf16-prepacked")
+QUANTIZE_MODES = ("none", "int8", "prepacked")
+CLI_CHOICES = ("auto", "none", "int8")  # --quantize; auto = prepacked where it applies (fast_linears)
 INT8_KERNEL_MAX_ROWS = 64  # rows (tokens x batch) up to which the int8 GEMV kernel runs; above: dequantize + GEMM
 _INT8_K_MULTIPLE = 64  # the CPU int8 kernel reads garbage for some other input widths (seen with K = 8, 36, 100)
 
@@ -84,46 +87,124 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, bf16 scales"
 
 
-class PrepackedBF16Linear(nn.Module):
-    """A bf16 ``nn.Linear`` whose weight oneDNN reordered once; ``weight`` stays as it was (state_dict unchanged).
+class PrepackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight lives only in oneDNN's packed layout (fp32 or bf16, CPU); same outputs up to
+    the summation order.
 
-    CPU only; the packed copy is an opaque oneDNN tensor that is not saved and that torch.compile cannot trace.
+    The plain weight is not kept (no second copy in memory): ``weight`` and ``state_dict()`` unpack it on
+    demand, ``load_state_dict`` and ``.to(dtype)`` repack it. The packed tensor is opaque to torch.compile:
+    compile the plain model instead (``fast_linears(..., compile=True)`` leaves the linears alone).
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, rows_hint: int = 1) -> None:
         super().__init__()
-        if linear.weight.dtype != torch.bfloat16 or linear.weight.device.type != "cpu":
-            raise ValueError(f"bf16-prepacked needs a bfloat16 CPU weight, got {linear.weight.dtype} on "
-                             f"{linear.weight.device}; load the model with --dtype bfloat16 --device cpu.")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        weight = linear.weight
+        if weight.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu":
+            raise ValueError(f"prepacked linears need a float32 or bfloat16 CPU weight, got {weight.dtype} on "
+                             f"{weight.device}; use --device cpu with --dtype float32 or bfloat16.")
+        self.in_features, self.out_features, self.rows_hint = linear.in_features, linear.out_features, rows_hint
+        self.bias = linear.bias
+        self._pack(weight.detach())
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        self.dtype = weight.dtype
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows_hint)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The plain weight [N, K], unpacked (a new tensor on every access)."""
+        return self._packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # dynamo cannot trace the opaque packed tensor: the plain linear
-            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            raise RuntimeError("a PrepackedLinear cannot be compiled (its weight is an opaque oneDNN tensor); "
+                               "compile the model without prepacking (fast_linears(model, compile=True)).")
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+        elif tuple(state_dict[key].shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{key}: shape {tuple(state_dict[key].shape)}, expected "
+                              f"{(self.out_features, self.in_features)}")
+        else:
+            self._pack(state_dict[key].detach().to(self.dtype))
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # the bias
+        weight = fn(self.weight)
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"a PrepackedLinear stays on the CPU in float32 or bfloat16 (asked for {weight.dtype} on "
+                             f"{weight.device}); move or cast the model before fast_linears / quantize_model.")
+        self._pack(weight)
+        return self
+
+    def __getstate__(self) -> dict:  # copy.deepcopy and pickle: the opaque tensor travels as the plain weight
+        state = self.__dict__.copy()
+        state["_packed"] = self.weight
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        weight = state.pop("_packed")
+        self.__dict__.update(state)
+        self._pack(weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, oneDNN prepacked"
+
+
+def prepack_available(model: nn.Module) -> bool:
+    """Whether ``prepacked`` can serve ``model``: its language model's linears are float32 or bfloat16 on the
+    CPU, and this torch has oneDNN (with bf16 kernels for this CPU when the model is bf16)."""
+    head = None
+    for name in ("language_model.lm_head", "lm_head"):
+        try:
+            head = model.get_submodule(name)
+            break
+        except AttributeError:
+            continue
+    if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if head.weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return head.weight.dtype == torch.float32
+
 
 def language_model_linears(name: str, module: nn.Module) -> bool:
-    """The default selection: every nn.Linear of the language model (decoder layers and lm_head)."""
+    """int8's selection: every nn.Linear of the language model (decoder layers and lm_head)."""
     return isinstance(module, nn.Linear) and (name.startswith("language_model.") or name == "lm_head"
                                               or name.startswith("model.layers."))
 
 
-def quantize_model(model: nn.Module, mode: str,
-                   select: Callable[[str, nn.Module], bool] = language_model_linears) -> int:
+def all_linears(name: str, module: nn.Module) -> bool:
+    """prepacked's selection: every nn.Linear (the vision tower and projector get faster prefill GEMMs too)."""
+    return isinstance(module, nn.Linear)
+
+
+def quantize_model(model: nn.Module, mode: str, select: Callable[[str, nn.Module], bool] | None = None) -> int:
     """Replace the selected linears of ``model`` in place (see the module docstring); returns how many.
 
-    ``mode``: "none" (nothing), "int8" or "bf16-prepacked". Works on an R4BForConditionalGeneration and on a
-    bare Qwen3ForCausalLM. Parameters must be real (not on the meta device).
+    ``mode``: "none" (nothing), "int8" or "prepacked". ``select(name, module)``: which modules; default
+    ``language_model_linears`` for int8, ``all_linears`` for prepacked. Works on an R4BForConditionalGeneration
+    and on a bare Qwen3ForCausalLM. Parameters must be real (not on the meta device).
     """
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}.")
     if mode == "none":
         return 0
-    build = Int8Linear.from_linear if mode == "int8" else PrepackedBF16Linear
+    build = Int8Linear.from_linear if mode == "int8" else PrepackedLinear
+    if select is None:
+        select = language_model_linears if mode == "int8" else all_linears
     chosen = [(name, m) for name, m in model.named_modules() if name and select(name, m)]
     for name, linear in chosen:
         if linear.weight.device.type == "meta":
@@ -135,47 +216,17 @@ def quantize_model(model: nn.Module, mode: str,
     return len(chosen)
 
 
-def bf16_prepack_available(model: nn.Module) -> bool:
-    """Whether ``bf16-prepacked`` can serve ``model``: its language model is bf16 on the CPU and this torch's
-    oneDNN has bf16 kernels for this CPU."""
-    head = _language_model_head(model)
-    return (head is not None and head.dtype == torch.bfloat16 and head.device.type == "cpu"
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def fast_linears(model: nn.Module, quantize: str = "auto", compile: bool = False) -> str:
+    """The linears the CLI's ``--quantize`` asks for, applied after loading; returns the mode used.
 
-
-def _language_model_head(model: nn.Module) -> torch.Tensor | None:
-    for name in ("language_model.lm_head", "lm_head"):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        weight = getattr(module, "weight", None)
-        return weight if isinstance(weight, torch.Tensor) else None
-    return None
-
-
-def fast_linears(model: nn.Module, quantize: str = "none") -> str:
-    """The decode speed-up the CLI applies after loading; returns the mode used.
-
-    ``quantize="int8"``: int8 weights. Otherwise, a bf16 model on a CPU with oneDNN bf16 kernels gets
-    ``bf16-prepacked`` (the same numbers, 2-3x the decode speed of plain bf16 there; it keeps a second,
-    packed copy of the language model's weights); anything else is left as it is ("none").
+    "int8": int8 weights. "none": the weights as loaded (``F.linear``, whose logits match transformers bit for
+    bit). "auto": ``prepacked`` where it applies, a float32 or bfloat16 model on a CPU with oneDNN (and not
+    to be compiled: the packed weights cannot be traced); else as loaded.
     """
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}.")
+    if quantize not in CLI_CHOICES:
+        raise ValueError(f"unknown --quantize {quantize!r}; choose one of {', '.join(CLI_CHOICES)}.")
     mode = quantize
-    if mode == "none" and bf16_prepack_available(model):
-        mode = "bf16-prepacked"
+    if quantize == "auto":
+        mode = "prepacked" if not compile and prepack_available(model) else "none"
     quantize_model(model, mode)
     return mode
-
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``model`` (int8 weights count one byte each)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total

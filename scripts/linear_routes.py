@@ -20,15 +20,16 @@ import argparse
 import copy
 import statistics
 import time
+import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-GEMV_ROUTES = ("fp32-linear", "bf16-linear", "bf16-prepacked", "bf16-mkldnn-linear", "int8-pack-mm",
-               "bf16-inductor-reduction", "int8-inductor-reduction", "copy")
-STEP_ROUTES = ("fp32", "bf16", "bf16-prepacked", "int8", "fp32-compiled", "bf16-compiled", "bf16-compiled-freezing",
-               "bf16-compiled-freezing-autotune", "int8-compiled")
+GEMV_ROUTES = ("fp32-linear", "fp32-prepacked", "bf16-linear", "bf16-prepacked", "bf16-mkldnn-linear",
+               "int8-pack-mm", "bf16-inductor-reduction", "int8-inductor-reduction", "copy")
+STEP_ROUTES = ("fp32", "fp32-prepacked", "bf16", "bf16-prepacked", "int8", "fp32-compiled", "bf16-compiled",
+               "bf16-compiled-freezing", "bf16-compiled-freezing-autotune", "int8-compiled")
 
 
 def alternate(routes: dict[str, Callable[[], object]], repeats: int, warm_up: int = 2) -> dict[str, list[float]]:
@@ -62,6 +63,10 @@ def gemv_routes(rows: int, chosen: tuple[str, ...]) -> dict[str, tuple[Callable[
     for name in chosen:
         if name == "fp32-linear":
             routes[name] = (lambda: F.linear(x32, w32), 4 * n * k)
+        elif name == "fp32-prepacked":
+            packed32 = torch.ops.mkldnn._reorder_linear_weight(w32, rows)
+            routes[name] = (lambda p=packed32: torch.ops.mkldnn._linear_pointwise(x32, p, None, "none", [], ""),
+                            4 * n * k)
         elif name == "bf16-linear":
             routes[name] = (lambda: F.linear(xb, wb), 2 * n * k)
         elif name == "bf16-prepacked":
@@ -79,7 +84,7 @@ def gemv_routes(rows: int, chosen: tuple[str, ...]) -> dict[str, tuple[Callable[
             compiled = torch.compile(reduction, dynamic=False)
             routes[name] = (lambda c=compiled: c(x32, w8) * scales.float(), n * k)
         elif name == "copy":
-            src = torch.empty(64 * 1024**2)
+            src = torch.randn(64 * 1024**2)  # written pages: an untouched tensor reads the shared zero page
             dst = torch.empty_like(src)
             routes[name] = (lambda: dst.copy_(src), 2 * src.numel() * 4)
     return routes
@@ -98,22 +103,29 @@ def step_routes(batch: int, chosen: tuple[str, ...]) -> dict[str, Callable[[], o
     routes: dict[str, Callable[[], object]] = {}
     for name in chosen:
         dtype = torch.float32 if name.startswith("fp32") else torch.bfloat16
-        model = base if name.startswith("fp32") else copy.deepcopy(base)
+        model = base if name in ("fp32", "fp32-compiled") else copy.deepcopy(base)
         if name.startswith("int8"):
             quantize_model(model, "int8")
         model = model.to(dtype)
-        if name == "bf16-prepacked":
-            quantize_model(model, "bf16-prepacked")
+        if name.endswith("prepacked"):
+            quantize_model(model, "prepacked")
         step: Callable = decode_step
+        config: dict = {}
         if "compiled" in name:
-            options = {"freezing": "freezing" in name, "max_autotune": "autotune" in name}
-            step = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
+            # freezing is read while dynamo traces (parameters become constants), i.e. at the first call:
+            # patched around every call, not passed as compile options
+            config = {"freezing": "freezing" in name, "max_autotune": "autotune" in name}
+            # a code object of its own per route: dynamo caches compiled graphs per code object, and its guards
+            # would let one route run another's graph
+            own = types.FunctionType(decode_step.__code__.replace(co_name=name.replace("-", "_")),
+                                     decode_step.__globals__, name.replace("-", "_"))
+            step = torch.compile(own, fullgraph=True, dynamic=False)
         cache = KVCache.for_model(model.config.text_config, batch, 256, dtype=dtype)
         with torch.inference_mode():
             prefill(model, ids, cache)
 
-        def run(model=model, cache=cache, step=step) -> None:
-            with torch.inference_mode():
+        def run(model=model, cache=cache, step=step, config=config) -> None:
+            with torch.inference_mode(), torch._inductor.config.patch(config):
                 cache.seq_lens.fill_(128)  # the same position every call: a steady context length
                 step(model, ids[:, -1:], cache)
 

@@ -32,10 +32,11 @@ def test_tiny_bench_json_has_every_headline_figure(tiny_checkpoint, capsys):
                             capsys)
     finally:
         torch.set_num_threads(threads)
-    for name in ("float32", "bfloat16", "int8"):
+    for name in ("float32", "float32_plain", "bfloat16", "int8"):
         for key in (f"decode_tokens_per_s_{name}", f"decode_share_of_limit_{name}"):
             assert key in result, key
     for key in ("decode_speed_ratio_bfloat16_vs_float32", "decode_speed_ratio_int8_vs_float32",
+                "decode_speed_ratio_bfloat16_vs_float32_plain", "decode_speed_ratio_float32_vs_float32_plain",
                 "batch1_throughput_ratio_ours_vs_transformers", "batch4_throughput_ratio_ours_vs_transformers",
                 "batch8_throughput_ratio_ours_vs_transformers", "prefill_image_time_ratio_ours_vs_transformers",
                 "vision_time_ratio_ours_vs_transformers", "load_time_ratio_ours_vs_transformers",
@@ -47,9 +48,14 @@ def test_tiny_bench_json_has_every_headline_figure(tiny_checkpoint, capsys):
     for name, v in result["decode"].items():  # every variant has its own limit and its share of it
         assert v["bytes_per_step"] > 0 and v["limit_tokens_per_s"] > 0 and v["share_of_limit"] > 0, name
         assert v["steps"] == 3  # 4 new tokens: the 3 steps after the first
-    assert result["decode"]["int8"]["bytes_per_step"] < result["decode"]["bfloat16"]["bytes_per_step"] \
-        < result["decode"]["float32"]["bytes_per_step"]
-    assert result["linear_modes"]["int8"] == "int8"
+    decode = result["decode"]
+    assert decode["int8"]["bytes_per_step"] < decode["bfloat16"]["bytes_per_step"] < decode["float32"]["bytes_per_step"]
+    assert decode["float32"]["bytes_per_step"] == decode["float32-plain"]["bytes_per_step"]  # packing moves no bytes
+    modes = result["linear_modes"]
+    assert modes["int8"] == "int8" and modes["float32-plain"] == "none"
+    assert modes["float32"] == ("prepacked" if torch.backends.mkldnn.is_available() else "none")
+    assert set(result["logit_error_vs_float32_plain"]) == {"float32", "bfloat16", "int8"}
+    assert result["logit_error_vs_float32_plain"]["float32"]["relative_to_max_logit"] < 1e-4
     assert set(result["load"]) >= {"ours", "transformers"} and result["load"]["ours"]["parameters"] > 0
     assert result["load"]["ours"]["parameters"] == result["load"]["transformers"]["parameters"]
     assert result["prefill"]["image_prompt_tokens"] > 16
@@ -133,3 +139,34 @@ def test_the_cli_sets_threads_from_the_flag(capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_warm_up_compiles_the_graph_that_generate_then_reuses(tiny_model):
+    """`r4b generate --compile` compiles on a throwaway cache first, so its TTFT and tokens/s hold no compile
+    time; that only works if generate() then runs the very same graph (no recompile)."""
+    from torch._dynamo.utils import counters
+
+    from r4b_core.generate import generate, warm_up_decode_step
+
+    torch._dynamo.reset()
+    ids = torch.randint(0, 500, (1, 11), generator=torch.Generator().manual_seed(3))
+    new_tokens = 8
+    assert warm_up_decode_step(tiny_model, 1, ids.shape[1] + new_tokens - 1, compile=True) > 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    out = generate(tiny_model, ids, max_new_tokens=new_tokens, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs, "generate() compiled again after the warm-up"
+    assert out.tokens == generate(tiny_model, ids, max_new_tokens=new_tokens).tokens
+
+
+def test_generate_json_reports_compile_time_apart(tiny_checkpoint, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--max-new-tokens", "6",
+                     "--compile", "--json"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    out = json.loads(capsys.readouterr().out)
+    assert out["compile_time_s"] > 0 and out["warm_up_time_s"] == out["compile_time_s"]
+    assert out["linears"] == "none"  # prepacked weights cannot be compiled: fast_linears leaves them alone
+    assert len(out["tokens"]) == 6 and out["decode_tokens_per_s"] > 0

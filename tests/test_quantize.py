@@ -15,9 +15,9 @@ from r4b_core.generate import generate
 from r4b_core.quantize import (
     INT8_KERNEL_MAX_ROWS,
     Int8Linear,
-    PrepackedBF16Linear,
-    bf16_prepack_available,
+    PrepackedLinear,
     fast_linears,
+    prepack_available,
     quantize_int8_per_channel,
     quantize_model,
 )
@@ -133,39 +133,88 @@ def test_int8_model_keeps_working_after_a_cast_to_bfloat16(tiny_model):
     assert [len(t) for t in out.tokens] == [6, 6]
 
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 needs_bf16_onednn = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     reason="this CPU / torch has no oneDNN bf16 kernels")
 
 
-@needs_bf16_onednn
+@needs_onednn
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5),
+                                              pytest.param(torch.bfloat16, 1e-2, marks=needs_bf16_onednn)])
 @pytest.mark.parametrize("rows", [1, 4, 8, 70])
-def test_prepacked_bf16_linear_equals_the_plain_bf16_linear(rows):
-    layer = _linear(256, 160, bias=True).to(torch.bfloat16)
-    packed = PrepackedBF16Linear(layer)
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+def test_prepacked_linear_equals_the_plain_linear_without_keeping_the_plain_weight(dtype, tolerance, rows):
+    layer = _linear(256, 160, bias=True).to(dtype)
+    packed = PrepackedLinear(layer)
+    assert [name for name, _ in packed.named_parameters()] == ["bias"]  # no second copy of the weight
+    assert torch.equal(packed.weight, layer.weight)  # unpacked on demand, exactly
+    x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
     expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
-    assert (packed(x).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    y = packed(x)
+    assert y.shape == (2, rows, 160) and y.dtype == dtype
+    assert (y.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-@needs_bf16_onednn
-def test_fast_linears_prepacks_bf16_and_keeps_the_state_dict(tiny_model):
-    fp32 = copy.deepcopy(tiny_model)
-    assert fast_linears(fp32) == "none" and isinstance(fp32.language_model.lm_head, nn.Linear)
-    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+@needs_onednn
+def test_fast_linears_prepacks_float32_and_keeps_the_state_dict(tiny_model):
+    model = copy.deepcopy(tiny_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        plain = model(ids).logits.float()
-    assert bf16_prepack_available(model) and fast_linears(model) == "bf16-prepacked"
-    assert isinstance(model.language_model.model.layers[0].mlp.down_proj, PrepackedBF16Linear)
+        plain = model(ids).logits
+    assert prepack_available(model) and fast_linears(model) == "prepacked"
+    assert isinstance(model.language_model.model.layers[0].mlp.down_proj, PrepackedLinear)
+    assert isinstance(model.multi_modal_projector.linear_1, PrepackedLinear)  # every linear: prefill gains too
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     with torch.no_grad():
-        packed = model(ids).logits.float()
-    assert (packed - plain).abs().max() <= 1e-2 * plain.abs().max()
+        packed = model(ids).logits
+    assert (packed - plain).abs().max() <= 1e-4 * plain.abs().max()
+    greedy = generate(model, ids, max_new_tokens=12).tokens
+    assert greedy == generate(tiny_model, ids, max_new_tokens=12).tokens
+    from r4b_core.bench_prefill import image_prompt
+
+    image_ids, images = image_prompt(model.config, torch.device("cpu"), torch.float32, 8)
+    with torch.no_grad():  # the prepacked vision tower and projector
+        expected = tiny_model(image_ids, logits_to_keep=1, **images).logits
+        packed_image = model(image_ids, logits_to_keep=1, **images).logits
+        assert (packed_image - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+    twin = copy.deepcopy(model)  # deepcopy (and pickle) carry the packed weights over as plain ones
+    with torch.no_grad():
+        twin.language_model.lm_head.weight  # noqa: B018  (unpacking does not change anything)
+        assert torch.equal(twin(ids).logits, packed)
+    state = {k: (v * 0.5 if k.endswith("down_proj.weight") else v) for k, v in before.items()}
+    twin.load_state_dict(state)  # repacks
+    assert torch.equal(twin.language_model.model.layers[1].mlp.down_proj.weight,
+                       state["language_model.model.layers.1.mlp.down_proj.weight"])
 
 
-def test_prepacked_bf16_refuses_a_float32_weight():
-    with pytest.raises(ValueError, match="bfloat16 CPU weight"):
-        PrepackedBF16Linear(_linear(64, 64, bias=False))
+@needs_onednn
+def test_fast_linears_choices(tiny_model):
+    assert fast_linears(copy.deepcopy(tiny_model), "none") == "none"
+    assert fast_linears(copy.deepcopy(tiny_model), "auto", compile=True) == "none"  # packed weights cannot compile
+    assert fast_linears(copy.deepcopy(tiny_model), "int8") == "int8"
+    half = copy.deepcopy(tiny_model).to(torch.float16)
+    assert not prepack_available(half) and fast_linears(half) == "none"
+    with pytest.raises(ValueError, match="unknown --quantize 'int4'"):
+        fast_linears(copy.deepcopy(tiny_model), "int4")
+
+
+@needs_bf16_onednn
+def test_a_prepacked_model_cast_to_bfloat16_is_repacked(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    fast_linears(model)
+    model = model.to(torch.bfloat16)
+    head = model.language_model.lm_head
+    assert head.dtype == torch.bfloat16 and head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        reference = tiny_model(ids).logits
+        assert _logit_error(reference, model(ids).logits.float()) < 0.04
+
+
+def test_prepacked_refuses_a_float16_weight():
+    with pytest.raises(ValueError, match="float32 or bfloat16 CPU weight"):
+        PrepackedLinear(_linear(64, 64, bias=False).to(torch.float16))

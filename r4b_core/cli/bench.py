@@ -23,7 +23,8 @@ from r4b_core.cli.common import (
 
 PRESETS = ["tiny", "small", "r4b"]
 DEFAULT_PRESET = "small"
-VARIANT_CHOICES = ("float32", "bfloat16", "float16", "int8")
+VARIANT_CHOICES = ("float32", "float32-plain", "bfloat16", "bfloat16-plain", "float16", "int8")  # bench.VARIANTS
+DEFAULT_VARIANTS = ("float32", "float32-plain", "bfloat16", "int8")
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -39,7 +40,8 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 1,4,8; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 1,4,8; got "
+                                         f"{text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be at least 1; got {text!r}")
     return values
@@ -66,9 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction,
                         "--max-spread (default 9)")
     b.add_argument("--max-spread", type=finite_float, default=0.10, metavar="FRACTION",
                    help="(max - min) / median of the per-round figures that ends the rounds (default 0.10)")
-    b.add_argument("--variants", type=_name_list, default=("float32", "bfloat16", "int8"), metavar="LIST",
-                   help="batch-1 decode variants, comma-separated from float32, bfloat16, float16, int8 "
-                        "(default float32,bfloat16,int8)")
+    b.add_argument("--variants", type=_name_list, default=DEFAULT_VARIANTS, metavar="LIST",
+                   help="batch-1 decode variants, comma-separated from " + ", ".join(VARIANT_CHOICES) + ": a dtype "
+                        "alone is what --quantize auto runs (oneDNN-prepacked weights on a CPU), -plain the weights "
+                        "as loaded (--quantize none), int8 is bfloat16 with --quantize int8 (default "
+                        + ",".join(DEFAULT_VARIANTS) + ")"),
     b.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 8), metavar="LIST",
                    help="batch sizes of the r4b vs transformers decode comparison (default 1,4,8)")
     b.add_argument("--load-repeats", type=positive_int, default=2, metavar="N",

@@ -98,15 +98,13 @@ def add_max_new_tokens(parser: argparse.ArgumentParser, default: int, what: str)
                         help=f"{what} (default {default})")
 
 
-QUANTIZE_CHOICES = ("none", "int8")
-
-
 def add_quantize(parser: argparse.ArgumentParser) -> None:
-    """``--quantize {none,int8}``: the language model's linears for decoding (r4b_core/quantize.py)."""
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                        help="int8: weight-only int8 linears in the language model (bf16 activations; about half "
-                             "the bytes of bf16 per decoded token). none (default): the --dtype weights; on a CPU "
-                             "with bf16 support, --dtype bfloat16 prepacks them for oneDNN")
+    """``--quantize {auto,none,int8}``: how the language model's linears run (r4b_core/quantize.py)."""
+    parser.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
+                        help="auto (default): on a CPU, float32 / bfloat16 weights prepacked for oneDNN (same values, "
+                             "2-3x faster decoding there; not with --compile); none: the weights as loaded "
+                             "(F.linear, bit-identical to transformers); int8: weight-only int8 linears (bf16 "
+                             "activations, a quarter of the float32 bytes per decoded token)")
 
 
 def torch_device(name: str) -> torch.device:

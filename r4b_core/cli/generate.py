@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
                                                         progress=not args.json)
     t_load = time.perf_counter() - t_load
-    linears = fast_linears(model, args.quantize)
+    linears = fast_linears(model, args.quantize, compile=args.compile)
     if args.compile and not args.json:
         progress_to_stderr("(compiling the decode step ...)")
     # compile and first-call set-up happen here, on a throwaway cache of the real shape: not in TTFT or tokens/s

@@ -1,8 +1,8 @@
 """``r4b serve``: an OpenAI-compatible chat server (r4b_core/serve/) on 127.0.0.1 by default.
 
     r4b serve --model DIR|HUB_ID [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] [--max-seq-len N]
-              [--max-queue N] [--thinking-mode auto] [--max-thinking-tokens N] [--compile] [--quantize int8] [--api-key KEY]
-              [--allow-remote-images] [--allow-local-images DIR] [--device] [--dtype]
+              [--max-queue N] [--thinking-mode auto] [--max-thinking-tokens N] [--compile] [--api-key KEY]
+              [--allow-remote-images] [--allow-local-images DIR] [--quantize auto|none|int8] [--device] [--dtype]
 
 Every option is checked before the weights load. The server runs until SIGTERM or Ctrl-C, then stops
 admitting, lets running requests finish (cancelling what is left after --shutdown-timeout) and exits
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     processor = R4BProcessor.from_pretrained(directory)
     processor.max_image_pixels = args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS  # the server's one image limit
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True)
-    fast_linears(model, args.quantize)  # int8 when asked; prepacked bf16 weights on a CPU with oneDNN bf16
+    fast_linears(model, args.quantize, compile=args.compile)  # --quantize: prepacked (CPU) / as loaded / int8
     generation_config = processor.generation_config
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
     engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
