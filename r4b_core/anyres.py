@@ -39,7 +39,7 @@ from r4b_core.config import R4BConfig, check_pinpoints, max_tiles
 Size = tuple[int, int]
 
 
-def _as_size(image_size, what: str = "image_size") -> Size:
+def as_size(image_size, what: str = "image_size") -> Size:
     """(h, w) as Python ints from a tuple, list, tensor or array; ValueError unless two positive ints."""
     if hasattr(image_size, "tolist"):
         image_size = image_size.tolist()
@@ -63,7 +63,7 @@ def select_best_resolution(image_size: Size, pinpoints: Sequence[Sequence[int]])
     wasted = h*w - effective. Keep the largest effective; on equal effective the smaller wasted wins;
     on a full tie the earlier pinpoint wins (strict comparisons while scanning in list order).
     """
-    H, W = _as_size(image_size)
+    H, W = as_size(image_size)
     best, best_eff, best_waste = None, 0, float("inf")
     for h, w in check_pinpoints(pinpoints):
         scale = min(w / W, h / H)
@@ -80,8 +80,8 @@ def resize_for_patching_size(image_size: Size, target: Size) -> Size:
     Rule: if w/W < h/H the width fills the canvas (new_w = w, new_h = min(ceil(H * w/W), h)),
     otherwise the height does (new_h = h, new_w = min(ceil(W * h/H), w)). Ties fill the height.
     """
-    H, W = _as_size(image_size)
-    th, tw = _as_size(target, "target")
+    H, W = as_size(image_size)
+    th, tw = as_size(target, "target")
     sw, sh = tw / W, th / H
     if sw < sh:
         return min(math.ceil(H * sw), th), tw
@@ -94,8 +94,8 @@ def padding_for_patching(resized_size: Size, target: Size) -> tuple[int, int, in
     Rule: the smaller half goes first: top = (th - h) // 2, bottom = the rest (one more when odd);
     the same for left / right.
     """
-    h, w = _as_size(resized_size, "resized_size")
-    th, tw = _as_size(target, "target")
+    h, w = as_size(resized_size, "resized_size")
+    th, tw = as_size(target, "target")
     if h > th or w > tw:
         raise ValueError(f"resized size ({h}, {w}) does not fit the canvas ({th}, {tw}).")
     top, extra_h = divmod(th - h, 2)
@@ -127,7 +127,7 @@ def num_views(image_size: Size, pinpoints: Sequence[Sequence[int]], tile_size: i
 
 def _unpad_crop(image_size: Size, feature_h: int, feature_w: int) -> tuple[int, int]:
     """(axis, pad): drop ``pad`` entries at both ends of axis 1 (rows) or 2 (columns) of a [D, h, w] map."""
-    H, W = _as_size(image_size)
+    H, W = as_size(image_size)
     if W / H > feature_w / feature_h:  # image wider than the map: padding was added above and below
         new_h = int(round(H * (feature_w / W), 7))
         return 1, (feature_h - new_h) // 2
@@ -217,7 +217,7 @@ def pack_image_features(
     rows, cols = grid_shape(image_size, pinpoints, tile_size)
     if n_views - 1 != rows * cols:
         raise ValueError(
-            f"image of size {tuple(_as_size(image_size))} needs 1 + {rows}x{cols} views; got {n_views}."
+            f"image of size {tuple(as_size(image_size))} needs 1 + {rows}x{cols} views; got {n_views}."
         )
     grid = view_features[1:].view(rows, cols, side, side, dim)
     grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # [D, rows*side, cols*side]

@@ -76,24 +76,12 @@ class ImageLayout:
         return self.num_base_tokens + h * (w + 1)
 
 
-def _size(image_size) -> tuple[int, int]:
-    """(height, width) as two positive Python ints, from a tuple, list or tensor row."""
-    values = image_size.tolist() if hasattr(image_size, "tolist") else image_size
-    try:
-        h, w = (int(v) for v in values)
-    except (TypeError, ValueError):
-        raise ValueError(f"image size should be (height, width); got {image_size!r}.") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image size ({h}, {w}) must be positive.")
-    return h, w
-
-
 def image_layout(image_size, config: R4BConfig, multi_image: bool = False) -> ImageLayout:
     """The layout of one image (``image_size`` = original (height, width)) under ``config``.
 
     ``multi_image``: the image is one of several in its sample (a single padded view, no tiles).
     """
-    H, W = _size(image_size)
+    H, W = anyres.as_size(image_size)
     vc = config.vision_config
     tile, patch = vc.image_size, vc.patch_size
     side = tile // patch
