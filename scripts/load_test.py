@@ -24,7 +24,6 @@ The figures depend on the machine and on what else runs on it; say so when you r
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import random
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import httpx
+
+from r4b_core.cli.serve import is_loopback as is_loopback_host
 
 WORDS = ("the picture shows a red square blue circle green triangle on white background how many shapes are there "
          "describe image in detail count compare sizes answer cat sitting wooden table next to cup of tea").split()
@@ -161,13 +162,7 @@ def run_batch(url: str, model: str, jobs: list[dict], concurrency: int, deadline
 
 
 def is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlparse(url).hostname or "")
 
 
 def rss_mib(pid: int | None) -> float | None:

@@ -214,3 +214,23 @@ def fail_on_second_write(monkeypatch) -> list:
 
     monkeypatch.setattr(_sio, "save_file", save_file)
     return calls
+
+
+class Collector:
+    """An engine request's on_event sink (r4b_core.serve.engine): records events, signals the finish."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.events: queue.Queue = queue.Queue()
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.put(event)
+        if event.kind == "finish":
+            self.done.set()
+
+    def finish(self):
+        """The last event recorded (the finish, once ``done`` is set)."""
+        return list(self.events.queue)[-1]

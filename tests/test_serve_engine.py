@@ -4,13 +4,11 @@ shutdown with a deadline. (The thinking budget's tests are in test_serve_thinkin
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 import pytest
 import torch
-from conftest import picture
+from conftest import Collector, picture
 
 from r4b_core.generate import SamplingParams, generate
 from r4b_core.kv_cache import KVCache
@@ -35,19 +33,6 @@ def _prompt(processor, text: str, images=None, thinking_mode: str = "auto") -> d
     inputs = processor(messages=[{"role": "user", "content": content}], images=images, thinking_mode=thinking_mode)
     inputs.pop("attention_mask")
     return inputs
-
-
-class Collector:
-    """on_event sink: records events and signals the finish."""
-
-    def __init__(self) -> None:
-        self.events: queue.Queue = queue.Queue()
-        self.done = threading.Event()
-
-    def __call__(self, event) -> None:
-        self.events.put(event)
-        if event.kind == "finish":
-            self.done.set()
 
 
 def _request(inputs: dict, max_new_tokens: int, **kwargs) -> EngineRequest:

@@ -5,12 +5,12 @@ does; the same for NaN at the prefill. (generate()'s own check is tested in test
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
 import pytest
 import torch
+from conftest import Collector
 
 from r4b_core.generate import generate
 from r4b_core.hooks import hooks
@@ -24,21 +24,6 @@ POINT = "language_model.model.layers.0.hook_resid_pre"  # NaN here reaches the K
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
     return R4BForConditionalGeneration.from_pretrained(tiny_checkpoint), R4BProcessor.from_pretrained(tiny_checkpoint)
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: queue.Queue = queue.Queue()
-        self.done = threading.Event()
-
-    def __call__(self, event) -> None:
-        self.events.put(event)
-        if event.kind == "finish":
-            self.done.set()
-
-    def finish(self):
-        events = list(self.events.queue)
-        return events[-1]
 
 
 class NaNInjector:

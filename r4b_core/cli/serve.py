@@ -87,7 +87,8 @@ def add_parser(subparsers: argparse._SubParsersAction,
     return s
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and any loopback IP (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if local_dir is not None and not local_dir.expanduser().is_dir():
         raise UsageError(f"--allow-local-images {local_dir}: not a directory.")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if not _is_loopback(args.host) and api_key is None:
+    if not is_loopback(args.host) and api_key is None:
         progress_to_stderr(f"r4b serve: warning: listening on {args.host} without --api-key; anyone who can reach "
                            "this address can use the model.")
     device = torch_device(args.device)
