@@ -18,12 +18,12 @@ _EXPORTS = {
     "TextConfig": "r4b_core.config",
     "VisionConfig": "r4b_core.config",
     "preset": "r4b_core.config",
-    "CacheOverflowError": "r4b_core.kv_cache",
-    "KVCache": "r4b_core.kv_cache",
-    "ImageTokenMismatchError": "r4b_core.model",
-    "R4BForConditionalGeneration": "r4b_core.model",
-    "Qwen3ForCausalLM": "r4b_core.qwen3",
-    "Qwen3Model": "r4b_core.qwen3",
+    "CacheOverflowError": "r4b_core.models.kv_cache",
+    "KVCache": "r4b_core.models.kv_cache",
+    "ImageTokenMismatchError": "r4b_core.models.r4b",
+    "R4BForConditionalGeneration": "r4b_core.models.r4b",
+    "Qwen3ForCausalLM": "r4b_core.models.qwen3",
+    "Qwen3Model": "r4b_core.models.qwen3",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

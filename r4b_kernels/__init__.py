@@ -9,5 +9,5 @@ triton_runtime.py    where kernels run: Triton availability, compiled (CUDA) vs 
                      TRITON_INTERPRET=1) wrapping, and the interpreter shim for Triton's own library
 reference.py         the same computation in plain PyTorch, the ground truth for tests
 
-The dispatcher that chooses between them and SDPA is r4b_core/attention.py.
+The dispatcher that chooses between them and SDPA is r4b_core/models/attention.py.
 """

@@ -98,7 +98,7 @@ def save_hf_checkpoint(
     stale shards go). ``source_dir``: also copy the tokenizer / processor / template / generation /
     remote-code files from that checkpoint (see the module docstring). Wrapper parts in parameter names
     (activation-checkpoint, compile) never reach ``state_dict()``; merge LoRA adapters first
-    (``r4b_core.lora.merge_lora``): their tensors have no HF name.
+    (``r4b_core.training.lora.merge_lora``): their tensors have no HF name.
 
     ``directory`` must be new, empty or an earlier r4b output; ``force=True`` writes into any other
     directory, replacing only r4b's own files (and ``config.json`` / the copied source files, which it writes)
@@ -156,7 +156,7 @@ def _hf_tensors_and_config(model: nn.Module) -> tuple[dict[str, torch.Tensor], d
     adapters = [n for n in state if n.endswith((".lora_A", ".lora_B"))]
     if adapters:
         raise ValueError(f"save_hf_checkpoint: the model holds LoRA adapters ({adapters[0]}, ...); fold them in with "
-                         "r4b_core.lora.merge_lora(model) first (or save them alone with save_lora).")
+                         "r4b_core.training.lora.merge_lora(model) first (or save them alone with save_lora).")
     tensors = {}
     for name, t in state.items():
         if name in tied:

@@ -1,6 +1,6 @@
 """Writing a directory of files for the user (a synthetic checkpoint, an export) without ever destroying theirs.
 
-Used by ``r4b_core.synthetic`` (make-synthetic) and ``r4b_weights.export`` (save_hf_checkpoint); it imports
+Used by ``r4b_core.reference.synthetic`` (make-synthetic) and ``r4b_weights.export`` (save_hf_checkpoint); it imports
 nothing from r4b, so that the weights layer can use it.
 
     write_directory(target, fill, force=False, keeps_out=..., reuse_own=False)

@@ -78,7 +78,7 @@ def timings(contexts, device, dtype, repeats, batch, hq, hkv, d):
 
     from r4b_kernels.decode_attention import decode_attention
 
-    from r4b_core.bench_decode import copy_bandwidth
+    from r4b_core.bench.decode import copy_bandwidth
 
     bandwidth = copy_bandwidth(device, 2 * 1024**3 if device.type == "cuda" else 256 * 1024**2)
     rows = []

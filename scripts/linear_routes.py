@@ -93,10 +93,10 @@ def gemv_routes(rows: int, chosen: tuple[str, ...]) -> dict[str, tuple[Callable[
 def step_routes(batch: int, chosen: tuple[str, ...]) -> dict[str, Callable[[], object]]:
     """route -> one decode step of the small preset (prompt of 128 tokens already in the cache)."""
     from r4b_core.config import preset
-    from r4b_core.generate import decode_step, prefill
-    from r4b_core.kv_cache import KVCache
-    from r4b_core.quantize import quantize_model
-    from r4b_core.synthetic import build_synthetic_model
+    from r4b_core.generation.generate import decode_step, prefill
+    from r4b_core.models.kv_cache import KVCache
+    from r4b_core.models.fast_linears import quantize_model
+    from r4b_core.reference.synthetic import build_synthetic_model
 
     base = build_synthetic_model(preset("small"), seed=0, dtype=torch.float32)
     ids = torch.randint(0, 1000, (batch, 128), generator=torch.Generator().manual_seed(0))

@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     if args.url is None:
-        from r4b_core.synthetic import cached_synthetic_checkpoint
+        from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
         model_dir = args.model or str(cached_synthetic_checkpoint(args.preset))
         print(f"starting r4b serve on {model_dir} ...", file=sys.stderr, flush=True)

@@ -36,12 +36,12 @@ def rss_kib(field: str) -> int:
 def child(args) -> dict:
     import torch
 
-    from r4b_core.anyres import num_image_tokens
+    from r4b_core.models.anyres import num_image_tokens
     from r4b_core.config import preset
-    from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
+    from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
     from shapes_data import draw_shape
-    from r4b_core.synthetic import build_synthetic_model
-    from r4b_core.training import apply_activation_checkpointing
+    from r4b_core.reference.synthetic import build_synthetic_model
+    from r4b_core.training.model_setup import apply_activation_checkpointing
 
     torch.manual_seed(0)
     config = preset(args.preset)

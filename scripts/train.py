@@ -19,7 +19,7 @@ to ``--out`` together with the source checkpoint's tokenizer / processor files, 
 ``R4BProcessor`` load it as they load the original (with ``--lora`` the adapters alone also go to ``lora/adapter.safetensors``).
 
 Crash safety. ``--save-every N`` writes the full training state (trainable weights, optimizer, LR
-schedule, the position in the example stream, RNG states; ``r4b_core.training_state``) to
+schedule, the position in the example stream, RNG states; ``r4b_core.training.state``) to
 ``--out/state-XXXXXXXX`` every N steps and after the last one, atomically, keeping the newest
 ``--keep-states``. ``--resume`` continues from the newest complete state in ``--out`` with the same
 batches in the same order, so the losses continue exactly as an uninterrupted run's; the run's
@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from r4b_core.lora import apply_lora, merge_lora, save_lora
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
-from r4b_core.training import (
+from r4b_core.training.lora import apply_lora, merge_lora, save_lora
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
+from r4b_core.training.model_setup import (
     apply_activation_checkpointing,
     apply_fsdp2,
     causal_lm_loss_sum,
@@ -52,8 +52,8 @@ from r4b_core.training import (
     freeze,
     param_groups,
 )
-from r4b_core.training_data import build_training_example, collate
-from r4b_core.training_state import (
+from r4b_core.training.data import build_training_example, collate
+from r4b_core.training.state import (
     latest_state,
     load_training_state,
     read_manifest,
@@ -129,7 +129,7 @@ def setup_distributed(args) -> tuple[int, int, torch.device, object]:
 def source_checkpoint(args, rank: int) -> str:
     if args.checkpoint:
         return args.checkpoint
-    from r4b_core.synthetic import cached_synthetic_checkpoint
+    from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
     if rank == 0:  # written once (atomically) into the r4b cache; the other ranks wait, then read it
         cached_synthetic_checkpoint(args.preset, seed=0)

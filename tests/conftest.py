@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.synthetic import make_synthetic_checkpoint, synthetic_picture
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.reference.synthetic import make_synthetic_checkpoint, synthetic_picture
 
 if TYPE_CHECKING:
     import transformers
@@ -112,7 +112,7 @@ def hf_qwen3_dir(tmp_path):
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:
-    """Noise plus shapes: content that is not flat (the one generated picture, r4b_core.synthetic's)."""
+    """Noise plus shapes: content that is not flat (the one generated picture, r4b_core.reference.synthetic's)."""
     return synthetic_picture(width, height, seed)
 
 
@@ -148,7 +148,7 @@ def _check_shared_model_untouched(model: torch.nn.Module, state: dict[str, torch
         raise RuntimeError(
             f"a test modified the session-wide `{fixture}` fixture ({'; '.join(changes[:5])}): tests that change "
             f"a model must make their own (R4BForConditionalGeneration.from_pretrained(tiny_checkpoint), "
-            f"r4b_core.parity.build_reference_model(tiny_checkpoint))."
+            f"r4b_core.reference.parity.build_reference_model(tiny_checkpoint))."
         )
 
 
@@ -189,9 +189,9 @@ def tiny_model(tiny_checkpoint: Path) -> R4BForConditionalGeneration:
 
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_checkpoint: Path) -> torch.nn.Module:
-    """transformers' reference model (r4b_core.parity.build_reference_model) of ``tiny_checkpoint``,
+    """transformers' reference model (r4b_core.reference.parity.build_reference_model) of ``tiny_checkpoint``,
     shared by the session: read-only, like ``tiny_model``."""
-    from r4b_core.parity import build_reference_model
+    from r4b_core.reference.parity import build_reference_model
 
     model = build_reference_model(tiny_checkpoint)
     state = {k: v.clone() for k, v in model.state_dict().items()}

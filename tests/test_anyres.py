@@ -23,7 +23,7 @@ from transformers.models.llava_onevision import modeling_llava_onevision as hf_o
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from r4b_core import anyres
+from r4b_core.models import anyres
 from r4b_core.config import R4BConfig, preset
 
 R4B_PINS = preset("r4b").image_grid_pinpoints
@@ -272,7 +272,7 @@ def test_num_image_tokens_r4b_worked_examples():
 
 def test_tiny_hf_model_packs_what_we_count():
     """A real tiny LlavaOnevisionModel: its packed feature lengths equal num_image_tokens."""
-    from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
+    from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
     from PIL import Image
 
     vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

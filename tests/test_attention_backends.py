@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r4b_core.attention import BackendUnavailableError, decode_attention, resolve_decode_backend
-from r4b_core.generate import generate
-from r4b_core.kv_cache import KVCache
+from r4b_core.models.attention import BackendUnavailableError, decode_attention, resolve_decode_backend
+from r4b_core.generation.generate import generate
+from r4b_core.models.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

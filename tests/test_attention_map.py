@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from r4b_core import anyres
-from r4b_core.attention_map import check_layers, compute_attention_map, render_overlay, save_png
+from r4b_core.models import anyres
+from r4b_core.interp.attention_map import check_layers, compute_attention_map, render_overlay, save_png
 from r4b_core.cli.main import main
 from r4b_core.config import preset
-from r4b_core.image_regions import image_token_map, token_boxes
-from r4b_core.logit_lens import lens_for_prompt, logit_lens
-from r4b_core.processor import R4BProcessor
+from r4b_core.interp.image_regions import image_token_map, token_boxes
+from r4b_core.interp.logit_lens import lens_for_prompt, logit_lens
+from r4b_core.processing.processor import R4BProcessor
 
 from conftest import picture
 

@@ -26,13 +26,13 @@ from r4b_core.cli import main
 from r4b_core.cli.common import open_image
 from r4b_core.cli.generate import SectionPrinter
 from r4b_core.devices import check_device
-from r4b_core.generate import NonFiniteLogitsError, generate
+from r4b_core.generation.generate import NonFiniteLogitsError, generate
 from r4b_core.generation_config import SamplingParams
-from r4b_core.image_processing import load_image
-from r4b_core.kv_cache import KVCache
-from r4b_core.model import ImageTokenMismatchError, R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
-from r4b_core.training_data import build_training_example
+from r4b_core.processing.image_processing import load_image
+from r4b_core.models.kv_cache import KVCache
+from r4b_core.models.r4b import ImageTokenMismatchError, R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
+from r4b_core.training.data import build_training_example
 from r4b_weights import resolve_checkpoint
 from r4b_weights.errors import NonFiniteTensorError, TensorDtypeError
 
@@ -369,7 +369,7 @@ def test_unusable_devices_are_one_error_naming_them(device, message, tiny_checkp
     """Before: AssertionError "Torch not compiled with CUDA enabled" (a traceback) from generate, bench, parity
     and from_pretrained(device="cuda"); `--device meta` crashed in the forward."""
     import r4b_weights.loader as loader
-    from r4b_core.qwen3 import Qwen3ForCausalLM
+    from r4b_core.models.qwen3 import Qwen3ForCausalLM
 
     def nothing_read(*args, **kwargs):
         raise AssertionError("the checkpoint was opened before the device was checked")

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from r4b_core.bench_decode import decode_bytes_per_step, ours_variant, spread
+from r4b_core.bench.decode import decode_bytes_per_step, ours_variant, spread
 from r4b_core.cli import main
-from r4b_core.quantize import quantize_model
+from r4b_core.models.fast_linears import quantize_model
 from r4b_core.threads import choose_threads, configure_threads, physical_cores
 
 pytest.importorskip("transformers")
@@ -146,7 +146,7 @@ def test_the_warm_up_compiles_the_graph_that_generate_then_reuses(tiny_model):
     time; that only works if generate() then runs the very same graph (no recompile)."""
     from torch._dynamo.utils import counters
 
-    from r4b_core.generate import generate, warm_up_decode_step
+    from r4b_core.generation.generate import generate, warm_up_decode_step
 
     torch._dynamo.reset()
     ids = torch.randint(0, 500, (1, 11), generator=torch.Generator().manual_seed(3))

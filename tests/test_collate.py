@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import picture
 
-from r4b_core.anyres import num_image_tokens
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
-from r4b_core.training_data import build_training_example, collate
+from r4b_core.models.anyres import num_image_tokens
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
+from r4b_core.training.data import build_training_example, collate
 
 IMAGE_ID = 151669
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r4b_core.generate import decode_step, generate, prefill
-from r4b_core.kv_cache import KVCache
+from r4b_core.generation.generate import decode_step, generate, prefill
+from r4b_core.models.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

@@ -324,7 +324,8 @@ def test_presets_round_trip_in_both_rope_spellings(name, form):
 
 
 def test_anyres_max_parser_is_the_one_in_config():
-    from r4b_core import anyres, config
+    from r4b_core import config
+    from r4b_core.models import anyres
 
     assert anyres.max_tiles is config.max_tiles
     assert [config.max_tiles(r) for r in ("anyres", "anyres_max_1", "anyres_max_9", "anyres_max_12")] == [None, 1, 9, 12]
@@ -343,8 +344,8 @@ def test_anyres_max_parser_is_the_one_in_config():
     ],
 )
 def test_every_caller_refuses_bad_pinpoints_with_the_same_message(pins, needle):
-    from r4b_core import anyres
-    from r4b_core.image_processing import ImageProcessorConfig
+    from r4b_core.models import anyres
+    from r4b_core.processing.image_processing import ImageProcessorConfig
 
     d = _required_only()
     d["image_grid_pinpoints"] = pins

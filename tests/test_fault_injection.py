@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r4b_core.training_state import PARTIAL_PREFIX, latest_state, list_states, read_manifest
+from r4b_core.training.state import PARTIAL_PREFIX, latest_state, list_states, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -184,9 +184,9 @@ def test_fsdp2_two_processes_kill_during_sharded_save_then_resume(tmp_path):
     assert manifest["sharded"] and manifest["world_size"] == 2
 
     # the previous state loads, here into one process (dcp reads both ranks' shards)
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.training import param_groups
-    from r4b_core.training_state import load_training_state
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.training.model_setup import param_groups
+    from r4b_core.training.state import load_training_state
 
     source = next(cache.glob("synthetic-tiny-seed0-*"))  # what the script trained (written into the cache)
     model = R4BForConditionalGeneration.from_pretrained(source)

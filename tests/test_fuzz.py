@@ -38,10 +38,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from r4b_core import anyres
+from r4b_core.models import anyres
 from r4b_core.config import R4BConfig, preset
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
 
 HARD_LIMIT_S = 60  # a hang: far beyond any example's work (milliseconds to a second)
 DEADLINE = timedelta(seconds=20)  # generous: the CPU is shared

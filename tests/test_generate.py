@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import picture
 
-from r4b_core.anyres import num_image_tokens
-from r4b_core.chat import ChatStream, TextStreamer, chat, chat_batch, split_thinking
-from r4b_core.generate import decode_tokens_per_s, generate, prepare_generation, sample_next_token
+from r4b_core.models.anyres import num_image_tokens
+from r4b_core.generation.chat import ChatStream, TextStreamer, chat, chat_batch, split_thinking
+from r4b_core.generation.generate import decode_tokens_per_s, generate, prepare_generation, sample_next_token
 from r4b_core.generation_config import GenerationConfig, SamplingParams
-from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-from r4b_core.kv_cache import KVCache
-from r4b_core.processor import R4BProcessor
+from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
+from r4b_core.models.kv_cache import KVCache
+from r4b_core.processing.processor import R4BProcessor
 
 EOS = [151645, 151643]
 PAD = 151643

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from r4b_core.generation_config import GenerationConfig, SamplingParams
-from r4b_core.processor import R4BProcessor
+from r4b_core.processing.processor import R4BProcessor
 
 QWEN3_GENERATION = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
                     "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95,

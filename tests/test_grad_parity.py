@@ -16,10 +16,10 @@ import re
 import pytest
 import torch
 
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.parity import build_reference_model
-from r4b_core.processor import R4BProcessor
-from r4b_core.training_data import build_training_example, collate
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.reference.parity import build_reference_model
+from r4b_core.processing.processor import R4BProcessor
+from r4b_core.training.data import build_training_example, collate
 from r4b_weights.names import ours_to_hf
 from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, on the path via conftest.py
 

@@ -1,4 +1,4 @@
-"""Named hook points (r4b_core/hooks.py) on the tiny synthetic R-4B: identity when nothing or an identity
+"""Named hook points (r4b_core/models/hooks.py) on the tiny synthetic R-4B: identity when nothing or an identity
 hook is attached, replacements take effect (and carry gradients), activation patching, errors, removal,
 generate(), run_with_cache shapes."""
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import picture
 
-from r4b_core.anyres import num_image_tokens
-from r4b_core.generate import generate
-from r4b_core.hooks import HookPoint, UnknownHookPointError, hook_names, hooks, run_with_cache, run_with_hooks
-from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-from r4b_core.model import R4BForConditionalGeneration
+from r4b_core.models.anyres import num_image_tokens
+from r4b_core.generation.generate import generate
+from r4b_core.models.hooks import HookPoint, UnknownHookPointError, hook_names, hooks, run_with_cache, run_with_hooks
+from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
+from r4b_core.models.r4b import R4BForConditionalGeneration
 
 L0 = "language_model.model.layers.0."
 V0 = "vision_tower.encoder.layers.0."
@@ -217,7 +217,7 @@ def test_run_with_cache_shapes(model, image_batch):
 
 
 def test_names_are_stable_under_activation_checkpointing(checkpoint, model):
-    from r4b_core.training import apply_activation_checkpointing
+    from r4b_core.training.model_setup import apply_activation_checkpointing
 
     wrapped = R4BForConditionalGeneration.from_pretrained(checkpoint)
     apply_activation_checkpointing(wrapped)

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from r4b_core.config import preset
-from r4b_core.image_processing import ImageProcessorConfig, load_image, preprocess_images
+from r4b_core.processing.image_processing import ImageProcessorConfig, load_image, preprocess_images
 
 CONFIGS = {
     "r4b": ImageProcessorConfig.for_model(preset("r4b")),  # 384 tiles, R-4B's 5 pinpoints, mean = std = 0.5

@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from r4b_core import anyres
+from r4b_core.models import anyres
 from r4b_core.config import R4BConfig, preset
-from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-from r4b_core.image_regions import (
+from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
+from r4b_core.interp.image_regions import (
     NEWLINE_VIEW, heat_on_picture, image_layout, image_token_map, region_box, token_boxes,
 )
 
@@ -185,8 +185,8 @@ def test_labelled_features_read_back_through_pack_image_features(name):
 def test_labelled_views_read_back_through_the_model_splice():
     """The model's embed (a batch of two: one tiled image; two single-view images), with the projector's
     output replaced (hook) by features that say which view of which image they came from."""
-    from r4b_core.hooks import hooks
-    from r4b_core.model import R4BForConditionalGeneration
+    from r4b_core.models.hooks import hooks
+    from r4b_core.models.r4b import R4BForConditionalGeneration
 
     config = preset("tiny")
     config.vision_aspect_ratio = "anyres_max_1"  # so the downscale fires for the tiled image

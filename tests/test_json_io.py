@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from r4b_core.chat_template import find_chat_template
+from r4b_core.processing.chat_template import find_chat_template
 from r4b_core.config import ConfigError, R4BConfig, preset
 from r4b_core.generation_config import GenerationConfig
-from r4b_core.image_processing import ImageProcessorConfig
+from r4b_core.processing.image_processing import ImageProcessorConfig
 from r4b_core.json_io import JSONFileError, read_json, read_json_if_present
 from r4b_weights.errors import CorruptCheckpointError
 from r4b_weights.safetensors_io import INDEX_NAME, find_weight_files

@@ -43,13 +43,19 @@ def test_import_contracts_hold():
 
 # (contract id in .importlinter, file to append to, the violating import)
 VIOLATIONS = [
-    ("layers", "r4b_weights/names.py", "import r4b_core.model"),
-    ("layers", "r4b_weights/loader.py", "from r4b_core.qwen3 import Qwen3ForCausalLM"),
-    ("layers", "r4b_core/config.py", "from r4b_core.processor import R4BProcessor"),
-    ("model-math", "r4b_core/attention.py", "from r4b_core.qwen3 import Qwen3Model"),
-    ("package-init", "r4b_core/__init__.py", "from r4b_core.generate import generate"),
+    ("layers", "r4b_weights/names.py", "import r4b_core.models.r4b"),
+    ("layers", "r4b_weights/loader.py", "from r4b_core.models.qwen3 import Qwen3ForCausalLM"),
+    ("layers", "r4b_core/config.py", "from r4b_core.processing.processor import R4BProcessor"),
+    ("model-math", "r4b_core/models/attention.py", "from r4b_core.models.qwen3 import Qwen3Model"),
+    ("package-init", "r4b_core/__init__.py", "from r4b_core.generation.generate import generate"),
     ("kernels", "r4b_kernels/reference.py", "from r4b_core.config import TextConfig"),
-    ("transformers", "r4b_core/model.py", "import transformers"),
+    ("transformers", "r4b_core/models/r4b.py", "import transformers"),
+    ("layers", "r4b_core/models/siglip.py", "from r4b_core.processing.image_processing import load_image"),
+    ("layers", "r4b_core/processing/processor.py", "from r4b_core.generation.chat import chat"),
+    ("layers", "r4b_core/generation/generate.py", "from r4b_core.training.lora import apply_lora"),
+    ("layers", "r4b_core/training/data.py", "from r4b_core.serve.engine import Engine"),
+    ("layers", "r4b_core/serve/engine.py", "from r4b_core.interp.logit_lens import logit_lens"),
+    ("layers", "r4b_core/interp/logit_lens.py", "from r4b_core.cli.main import main"),
     ("transformers", "r4b_weights/loader.py", "from transformers import AutoConfig"),
 ]
 

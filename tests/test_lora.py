@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from r4b_core.lora import LoRALinear, apply_lora, load_lora, lora_modules, lora_state_dict, merge_lora, save_lora
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
-from r4b_core.training import apply_activation_checkpointing, param_groups
-from r4b_core.training_data import build_training_example, collate
+from r4b_core.training.lora import LoRALinear, apply_lora, load_lora, lora_modules, lora_state_dict, merge_lora, save_lora
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
+from r4b_core.training.model_setup import apply_activation_checkpointing, param_groups
+from r4b_core.training.data import build_training_example, collate
 from r4b_weights.export import save_hf_checkpoint
 from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, on the path via conftest.py
 

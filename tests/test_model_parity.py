@@ -14,12 +14,12 @@ import torch
 import transformers
 from conftest import picture
 
-from r4b_core.anyres import num_image_tokens
+from r4b_core.models.anyres import num_image_tokens
 from r4b_core.config import preset
-from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-from r4b_core.model import ImageTokenMismatchError, R4BForConditionalGeneration
-from r4b_core.parity import build_reference_model, reference_config
-from r4b_core.synthetic import make_synthetic_checkpoint
+from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
+from r4b_core.models.r4b import ImageTokenMismatchError, R4BForConditionalGeneration
+from r4b_core.reference.parity import build_reference_model, reference_config
+from r4b_core.reference.synthetic import make_synthetic_checkpoint
 
 TOL = 1e-4
 TILE = 56  # the tiny preset's tile (vision image_size)

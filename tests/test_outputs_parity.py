@@ -15,12 +15,12 @@ import torch
 import transformers
 from conftest import picture
 
-from r4b_core.anyres import num_image_tokens
-from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-from r4b_core.kv_cache import KVCache
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.parity import build_reference_model, reference_config
-from r4b_core.qwen3 import Qwen3ForCausalLM
+from r4b_core.models.anyres import num_image_tokens
+from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
+from r4b_core.models.kv_cache import KVCache
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.reference.parity import build_reference_model, reference_config
+from r4b_core.models.qwen3 import Qwen3ForCausalLM
 
 TOL = 1e-5  # hidden states, attention probabilities, image features
 LOGIT_TOL = 1e-4  # logits (DESIGN.md: tiny fp32 logits max-abs <= 1e-4)

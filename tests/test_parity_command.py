@@ -12,12 +12,12 @@ import torch.nn.functional as F
 import transformers
 from torch.nn.modules.module import register_module_forward_hook
 
-from r4b_core import projector as projector_module
+from r4b_core.models import projector as projector_module
 from r4b_core.cli import build_parser, main
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.parity import run_parity
-from r4b_core.siglip import SiglipVisionTransformer
-from r4b_core.synthetic import cached_synthetic_checkpoint
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.reference.parity import run_parity
+from r4b_core.models.siglip import SiglipVisionTransformer
+from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
 EXPECTED_STAGES = ["pixel_values", "vision_features", "projected_features", "packed_features", "input_embeddings",
                    "decoder_layer_0", "decoder_layer_1", "logits", "greedy_tokens"]
@@ -107,7 +107,7 @@ def test_generate_json(cache_env, tmp_path, capsys):
     assert {"thinking", "answer", "time_to_first_token_s", "decode_tokens_per_s"} <= set(first)
     assert main(argv[:-1] + ["--image", f"file://{tmp_path / 'red.png'}", "--json"]) == 0  # two images, one a URL
     second = json.loads(capsys.readouterr().out)
-    from r4b_core.processor import R4BProcessor
+    from r4b_core.processing.processor import R4BProcessor
 
     processor = R4BProcessor.from_pretrained(cache_env)
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What colour?"}]

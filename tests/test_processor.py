@@ -15,9 +15,9 @@ import torch
 import transformers
 from conftest import picture
 
-from r4b_core.anyres import num_image_tokens
-from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-from r4b_core.processor import (
+from r4b_core.models.anyres import num_image_tokens
+from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
+from r4b_core.processing.processor import (
     BUILTIN_CHAT_TEMPLATE,
     THINKING_MODES,
     ChatTemplateError,

@@ -1,4 +1,4 @@
-"""r4b_core/quantize.py: int8 weight-only linears (rounding bounds, kernel vs reference, logit error and greedy
+"""r4b_core/models/fast_linears.py: int8 weight-only linears (rounding bounds, kernel vs reference, logit error and greedy
 agreement against float32 on the tiny checkpoint) and oneDNN-prepacked bf16 linears (same outputs, same
 state_dict), swapped in from outside the model."""
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r4b_core.generate import generate
-from r4b_core.quantize import (
+from r4b_core.generation.generate import generate
+from r4b_core.models.fast_linears import (
     INT8_KERNEL_MAX_ROWS,
     Int8Linear,
     PrepackedLinear,
@@ -173,7 +173,7 @@ def test_fast_linears_prepacks_float32_and_keeps_the_state_dict(tiny_model):
     assert (packed - plain).abs().max() <= 1e-4 * plain.abs().max()
     greedy = generate(model, ids, max_new_tokens=12).tokens
     assert greedy == generate(tiny_model, ids, max_new_tokens=12).tokens
-    from r4b_core.bench_prefill import image_prompt
+    from r4b_core.bench.prefill import image_prompt
 
     image_ids, images = image_prompt(model.config, torch.device("cpu"), torch.float32, 8)
     with torch.no_grad():  # the prepacked vision tower and projector

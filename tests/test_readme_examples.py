@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r4b_core.hooks import hooks, run_with_cache, run_with_hooks
+from r4b_core.models.hooks import hooks, run_with_cache, run_with_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "### Image tokens on the picture, and recipes"

@@ -22,10 +22,10 @@ import pytest
 from conftest import picture
 from openai import OpenAI
 
-from r4b_core.generate import GenerationConfig, generate
-from r4b_core.image_processing import load_image
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import THINK_END, R4BProcessor
+from r4b_core.generation.generate import GenerationConfig, generate
+from r4b_core.processing.image_processing import load_image
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import THINK_END, R4BProcessor
 from r4b_core.serve.api import ServerConfig, create_app
 from r4b_core.serve.engine import Engine
 from r4b_core.serve.images import ImagePolicy

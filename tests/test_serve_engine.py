@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import Collector, picture
 
-from r4b_core.generate import SamplingParams, generate
-from r4b_core.kv_cache import KVCache
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
+from r4b_core.generation.generate import SamplingParams, generate
+from r4b_core.models.kv_cache import KVCache
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
 from r4b_core.serve.engine import Engine, EngineRequest, EngineStoppedError, QueueFullError
 
 

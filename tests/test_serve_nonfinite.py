@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import Collector
 
-from r4b_core.generate import generate
-from r4b_core.hooks import hooks
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
+from r4b_core.generation.generate import generate
+from r4b_core.models.hooks import hooks
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
 from r4b_core.serve.engine import Engine, EngineRequest
 
 POINT = "language_model.model.layers.0.hook_resid_pre"  # NaN here reaches the K/V written to the cache too

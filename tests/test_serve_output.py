@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from r4b_core.processor import THINK_END, THINK_START, R4BProcessor
+from r4b_core.processing.processor import THINK_END, THINK_START, R4BProcessor
 from r4b_core.serve.output import CONTENT, REASONING, ChatOutput
 
 

@@ -1,4 +1,4 @@
-"""The thinking budget (r4b_core/thinking_budget.py): the state machine, and on the synthetic checkpoint
+"""The thinking budget (r4b_core/generation/thinking_budget.py): the state machine, and on the synthetic checkpoint
 the thinking stops at the budget and an answer follows, in the engine, in chat()/ChatStream and in
 `r4b generate --max-thinking-tokens`."""
 
@@ -9,12 +9,12 @@ import queue
 
 import pytest
 
-from r4b_core.chat import ChatStream, chat
-from r4b_core.generate import generate
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import THINK_END, THINK_START, R4BProcessor
+from r4b_core.generation.chat import ChatStream, chat
+from r4b_core.generation.generate import generate
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import THINK_END, THINK_START, R4BProcessor
 from r4b_core.serve.engine import Engine, EngineRequest
-from r4b_core.thinking_budget import ThinkingBudget, prompt_opens_thinking, thinking_budget_for, thinking_separator
+from r4b_core.generation.thinking_budget import ThinkingBudget, prompt_opens_thinking, thinking_budget_for, thinking_separator
 
 QUESTION = [{"role": "user", "content": "How many circles are there?"}]
 

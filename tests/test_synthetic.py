@@ -12,10 +12,10 @@ from tokenizers import Tokenizer
 
 from r4b_core.cli import main
 from r4b_core.config import preset
-from r4b_core.image_processing import ImageProcessorConfig
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.parity import build_reference_model
-from r4b_core.synthetic import make_synthetic_checkpoint
+from r4b_core.processing.image_processing import ImageProcessorConfig
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.reference.parity import build_reference_model
+from r4b_core.reference.synthetic import make_synthetic_checkpoint
 from r4b_weights import ConfigMismatchError, MissingTensorError, save_hf_checkpoint
 
 
@@ -88,7 +88,7 @@ def test_logits_are_not_degenerate(tiny_dir):
     probs = logits.softmax(-1)
     assert probs.max() < 0.999  # not one-hot
     assert probs[..., printable].sum(-1).mean() > 0.5  # sampling mostly gives printable tokens too
-    from r4b_core.anyres import num_image_tokens, num_views
+    from r4b_core.models.anyres import num_image_tokens, num_views
 
     cfg, size = model.config, (56, 56)
     views = num_views(size, cfg.image_grid_pinpoints, 56)

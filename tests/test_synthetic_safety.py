@@ -18,7 +18,7 @@ from conftest import fail_on_second_write
 import r4b_weights.safetensors_io as safetensors_io
 from r4b_core.cli import main
 from r4b_weights.output_dir import MANIFEST_NAME
-from r4b_core.synthetic import cached_synthetic_checkpoint, make_synthetic_checkpoint
+from r4b_core.reference.synthetic import cached_synthetic_checkpoint, make_synthetic_checkpoint
 
 SHARD_BYTES = 20 * 1024**2  # the tiny preset (78 MB in fp32) then writes 4 shards + an index
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from r4b_core.lora import apply_lora, merge_lora
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.parity import build_reference_model
-from r4b_core.processor import R4BProcessor
-from r4b_core.training import apply_activation_checkpointing, causal_lm_loss_sum, count_target_tokens, param_groups
-from r4b_core.training_data import build_training_example, collate
+from r4b_core.training.lora import apply_lora, merge_lora
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.reference.parity import build_reference_model
+from r4b_core.processing.processor import R4BProcessor
+from r4b_core.training.model_setup import apply_activation_checkpointing, causal_lm_loss_sum, count_target_tokens, param_groups
+from r4b_core.training.data import build_training_example, collate
 from r4b_weights.export import save_hf_checkpoint
 from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, on the path via conftest.py
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from r4b_core.lora import apply_lora
-from r4b_core.model import R4BForConditionalGeneration
-from r4b_core.processor import R4BProcessor
-from r4b_core.training import (
+from r4b_core.training.lora import apply_lora
+from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
+from r4b_core.training.model_setup import (
     apply_activation_checkpointing,
     apply_fsdp2,
     canonical_name,
@@ -24,7 +24,7 @@ from r4b_core.training import (
     freeze,
     param_groups,
 )
-from r4b_core.training_data import build_training_example, collate
+from r4b_core.training.data import build_training_example, collate
 from r4b_weights.export import save_hf_checkpoint
 from shapes_data import shape_conversation, shape_example  # scripts/shapes_data.py, on the path via conftest.py
 
@@ -230,7 +230,7 @@ def test_apply_fsdp2_shards_every_block_and_the_root(ckpt, batch, one_process_gr
 def test_apply_fsdp2_mixed_precision_argument(ckpt):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from r4b_core.training import _mixed_precision_policy
+    from r4b_core.training.model_setup import _mixed_precision_policy
 
     policy = _mixed_precision_policy(torch.bfloat16)
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32

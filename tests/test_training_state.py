@@ -1,4 +1,4 @@
-"""r4b_core.training_state: save / find / load the full training state, atomically, in one process.
+"""r4b_core.training.state: save / find / load the full training state, atomically, in one process.
 
 A small network with a tied weight, a frozen part and dropout (so the torch RNG matters), AdamW and a
 LambdaLR schedule; its "data" draws from Python's ``random`` and numpy's global generator, so a resume
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from r4b_core.training_state import (
+from r4b_core.training.state import (
     PARTIAL_PREFIX,
     TrainingStateError,
     latest_state,
@@ -27,7 +27,7 @@ from r4b_core.training_state import (
     remove_partial_states,
     save_training_state,
 )
-from r4b_core.training_state_io import decode, encode
+from r4b_core.training.state_io import decode, encode
 
 PICKLE_MAGIC = b"\x80"  # the first byte of every pickle protocol >= 2 stream
 
@@ -297,9 +297,9 @@ def test_the_codec_keeps_types_and_stores_a_shared_tensor_once():
 def test_lora_state_holds_the_adapters_only(tmp_path, tiny_checkpoint):
     from safetensors import safe_open
 
-    from r4b_core.lora import apply_lora, lora_state_dict
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.training import param_groups
+    from r4b_core.training.lora import apply_lora, lora_state_dict
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.training.model_setup import param_groups
 
     def lora_model():
         model = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)

@@ -1,4 +1,4 @@
-"""``r4b attention-map``: where the model looks, painted over the picture (r4b_core/attention_map.py).
+"""``r4b attention-map``: where the model looks, painted over the picture (r4b_core/interp/attention_map.py).
 
 Answers the prompt greedily for a few tokens (``--max-new-tokens``, default 4; ``--prompt-only`` skips
 it), sums the attention from the answer's tokens (or the one ``--token``) to the image tokens over
@@ -69,10 +69,10 @@ def _check_out(path: str, force: bool) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.attention_map import check_layers, compute_attention_map, render_overlay, save_png
+    from r4b_core.interp.attention_map import check_layers, compute_attention_map, render_overlay, save_png
     from r4b_core.config import R4BConfig
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.processor import R4BProcessor
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.processing.processor import R4BProcessor
 
     if not 0 <= args.opacity <= 1:
         raise UsageError(f"--opacity {args.opacity} must be between 0 and 1.")

@@ -1,4 +1,4 @@
-"""``r4b bench``: decode, prefill and load speed, r4b vs transformers and the bandwidth limit (r4b_core/bench.py).
+"""``r4b bench``: decode, prefill and load speed, r4b vs transformers and the bandwidth limit (r4b_core/bench/run.py).
 
 A random-init preset (default small) or a checkpoint (--model); prints a table, or ``--json`` one
 object; progress goes to stderr. The fast path for tests: ``--preset tiny --max-new-tokens 4
@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.bench import BenchOptions, format_table, run_bench
+    from r4b_core.bench.run import BenchOptions, format_table, run_bench
     from r4b_weights import resolve_checkpoint
 
     if args.model is not None and args.preset is not None:

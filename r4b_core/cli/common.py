@@ -99,7 +99,7 @@ def add_max_new_tokens(parser: argparse.ArgumentParser, default: int, what: str)
 
 
 def add_quantize(parser: argparse.ArgumentParser) -> None:
-    """``--quantize {auto,none,int8}``: how the language model's linears run (r4b_core/quantize.py)."""
+    """``--quantize {auto,none,int8}``: how the language model's linears run (r4b_core/models/fast_linears.py)."""
     parser.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
                         help="auto (default): on a CPU, float32 / bfloat16 weights prepacked for oneDNN (same values, "
                              "2-3x faster decoding there; not with --compile); none: the weights as loaded "
@@ -121,7 +121,7 @@ def torch_device(name: str) -> torch.device:
 def checkpoint_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     """(local checkpoint directory, whether it is the built-in synthetic one): ``--model`` resolved
     (hub ids downloaded at ``--revision``), else the tiny synthetic checkpoint in the r4b cache."""
-    from r4b_core.synthetic import cached_synthetic_checkpoint
+    from r4b_core.reference.synthetic import cached_synthetic_checkpoint
     from r4b_weights import resolve_checkpoint
 
     if args.model is None:
@@ -171,7 +171,7 @@ def open_image(source: str, max_pixels: int | None = None) -> Image.Image:
     decoded by ``image_processing.load_image`` under one pixel limit (``max_pixels``; None: PIL's)."""
     from PIL import Image
 
-    from r4b_core.image_processing import load_image
+    from r4b_core.processing.image_processing import load_image
 
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""

@@ -116,13 +116,13 @@ class SectionPrinter:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from r4b_core.chat import ChatStream
-    from r4b_core.generate import check_lengths, warm_up_decode_step
+    from r4b_core.generation.chat import ChatStream
+    from r4b_core.generation.generate import check_lengths, warm_up_decode_step
     from r4b_core.generation_config import SamplingParams
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.processor import R4BProcessor
-    from r4b_core.quantize import fast_linears
-    from r4b_core.thinking_budget import thinking_budget_for
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.processing.processor import R4BProcessor
+    from r4b_core.models.fast_linears import fast_linears
+    from r4b_core.generation.thinking_budget import thinking_budget_for
 
     device = torch_device(args.device)
     directory, synthetic = checkpoint_dir(args)

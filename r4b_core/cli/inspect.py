@@ -80,7 +80,7 @@ def _count_by_part(infos: dict) -> dict[str, int]:
 
 def _describe_checkpoint(checkpoint: str, args: argparse.Namespace, device: torch.device) -> int:
     from r4b_core.config import R4BConfig, read_config_json, text_config_from_dict
-    from r4b_core.qwen3 import Qwen3ForCausalLM
+    from r4b_core.models.qwen3 import Qwen3ForCausalLM
     from r4b_weights import resolve_checkpoint
     from r4b_weights.safetensors_io import find_weight_files, read_headers
 
@@ -132,10 +132,10 @@ def _name(dtype: torch.dtype) -> str:
 @torch.no_grad()
 def _load_and_run_r4b(directory: Path, dtype: torch.dtype, device: torch.device) -> None:
     """Load the full model strictly and run one forward on the generated 640x480 picture."""
-    from r4b_core.anyres import num_image_tokens
-    from r4b_core.image_processing import ImageProcessorConfig, preprocess_images
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.synthetic import synthetic_picture
+    from r4b_core.models.anyres import num_image_tokens
+    from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.reference.synthetic import synthetic_picture
 
     t0 = time.perf_counter()
     model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True,
@@ -160,9 +160,9 @@ def _load_and_run_r4b(directory: Path, dtype: torch.dtype, device: torch.device)
 @torch.no_grad()
 def _run_preset(args: argparse.Namespace, device: torch.device) -> int:
     from r4b_core.config import preset
-    from r4b_core.generate import generate
-    from r4b_core.kv_cache import KVCache
-    from r4b_core.qwen3 import Qwen3ForCausalLM
+    from r4b_core.generation.generate import generate
+    from r4b_core.models.kv_cache import KVCache
+    from r4b_core.models.qwen3 import Qwen3ForCausalLM
 
     if args.load or args.revision:
         raise UsageError("--load and --revision apply to a CHECKPOINT, not to --preset.")

@@ -1,4 +1,4 @@
-"""``r4b lens``: the logit lens (r4b_core/logit_lens.py) on a chat prompt with optional pictures.
+"""``r4b lens``: the logit lens (r4b_core/interp/logit_lens.py) on a chat prompt with optional pictures.
 
 For each decoder layer, the final norm and lm_head applied to that layer's residual stream at the
 chosen positions (default: the prompt's last, where the answer's first token is predicted); prints the
@@ -45,11 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.attention_map import check_layers
+    from r4b_core.interp.attention_map import check_layers
     from r4b_core.config import R4BConfig
-    from r4b_core.logit_lens import lens_for_prompt
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.processor import R4BProcessor
+    from r4b_core.interp.logit_lens import lens_for_prompt
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.processing.processor import R4BProcessor
 
     device = torch_device(args.device)
     directory, synthetic = checkpoint_dir(args)

@@ -1,7 +1,7 @@
 """``r4b make-synthetic DIR``: write a random-init checkpoint in R-4B's HF layout.
 
 config.json, safetensors under R-4B's tensor names (sharded above --max-shard-gb), preprocessor,
-generation and tokenizer files, for a model of a preset's shape (see r4b_core/synthetic.py).
+generation and tokenizer files, for a model of a preset's shape (see r4b_core/reference/synthetic.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 def run(args: argparse.Namespace) -> int:
     from r4b_weights.output_dir import check_target
-    from r4b_core.synthetic import make_synthetic_checkpoint, read_with_checkpoint
+    from r4b_core.reference.synthetic import make_synthetic_checkpoint, read_with_checkpoint
     from r4b_weights import resolve_dtype
 
     if args.directory and args.model and args.directory != args.model:

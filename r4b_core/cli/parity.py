@@ -1,4 +1,4 @@
-"""``r4b parity``: r4b vs transformers on one image prompt, stage by stage (r4b_core/parity.py).
+"""``r4b parity``: r4b vs transformers on one image prompt, stage by stage (r4b_core/reference/parity.py).
 
 Prints the stage table (or ``--json``: passed, first_divergence, stages with name, max_abs_diff,
 tolerance, passed); exit status 0 when every stage is within its tolerance, 1 otherwise.
@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.parity import run_parity
+    from r4b_core.reference.parity import run_parity
 
     device = torch_device(args.device)
     directory, synthetic = checkpoint_dir(args)

@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: F401
 
     from r4b_core.config import R4BConfig
-    from r4b_core.model import R4BForConditionalGeneration
-    from r4b_core.processor import R4BProcessor
-    from r4b_core.quantize import fast_linears
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.processing.processor import R4BProcessor
+    from r4b_core.models.fast_linears import fast_linears
     from r4b_core.serve.api import ServerConfig, create_app
     from r4b_core.serve.engine import Engine
     from r4b_core.serve.images import DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy

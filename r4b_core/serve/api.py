@@ -33,13 +33,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r4b_core.generation_config import GenerationConfig, SamplingParams
-from r4b_core.processor import THINK_END, THINK_START
+from r4b_core.processing.processor import THINK_END, THINK_START
 from r4b_core.serve import schema
 from r4b_core.serve.engine import Engine, EngineEvent, EngineRequest, EngineStoppedError, QueueFullError
 from r4b_core.serve.images import ImagePolicy, load_request_image
 from r4b_core.serve.output import CONTENT, ChatOutput
 from r4b_core.serve.schema import APIError, ChatRequest, invalid
-from r4b_core.thinking_budget import prompt_opens_thinking, thinking_budget_for
+from r4b_core.generation.thinking_budget import prompt_opens_thinking, thinking_budget_for
 
 log = logging.getLogger("r4b.serve")
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from r4b_core.generate import (
+from r4b_core.generation.generate import (
     NonFiniteLogitsError,
     check_lengths,
     compiled_decode_step,
@@ -47,8 +47,8 @@ from r4b_core.generate import (
     sample_next_token,
 )
 from r4b_core.generation_config import SamplingParams
-from r4b_core.kv_cache import KVCache
-from r4b_core.thinking_budget import ThinkingBudget
+from r4b_core.models.kv_cache import KVCache
+from r4b_core.generation.thinking_budget import ThinkingBudget
 
 log = logging.getLogger("r4b.serve")
 

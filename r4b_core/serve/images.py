@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from r4b_core.image_processing import load_image
+from r4b_core.processing.image_processing import load_image
 from r4b_core.serve.schema import APIError, ImageRef, invalid
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024

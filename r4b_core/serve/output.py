@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from r4b_core.chat import TextStreamer
+from r4b_core.generation.chat import TextStreamer
 
 REASONING, CONTENT = "reasoning", "content"
 

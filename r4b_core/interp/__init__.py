@@ -1,0 +1,1 @@
+"""Interpretability tools: image-token regions, attention maps and the logit lens."""

@@ -1,0 +1,1 @@
+"""Inputs: image processing, chat template, conversations, prompt rendering, the tokenizer and the processor."""
