@@ -14,9 +14,10 @@ not weights are copied too, so the directory is a complete checkpoint that trans
 
 Where it writes (``r4b_weights/output_dir.py``, the writer make-synthetic uses): every file goes into a
 temporary directory beside ``directory`` that is renamed into place, so a crash or a full disk leaves the
-previous contents as they were. ``directory`` may be new, empty, or an earlier r4b output (every file in
-it is listed in its ``.r4b-manifest.json``; its stale shards are replaced). Anything else is refused unless
-``force=True``; with force, r4b's own earlier files are replaced and the user's kept, never deleted, and a
+previous contents as they were. ``directory`` must be new or empty; anything else (an earlier r4b output,
+whose files its ``.r4b-manifest.json`` lists, or the user's files) is refused unless ``force=True``, so no run
+replaces an earlier one's checkpoint unless told. With force, r4b's own earlier files are replaced (its stale
+shards go) and the user's kept, never deleted, and a
 user's file that would be read with the new checkpoint (``read_with_export``: weights, a shard index, a
 tokenizer or chat template the export does not write itself) is refused.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ import torch.nn as nn
 from r4b_core.config import R4BConfig, TextConfig
 from r4b_weights.hub import CHECKPOINT_AUX_FILES
 from r4b_weights.names import QWEN3, R4B, UnknownTensorName, ours_to_hf, text_to_full
-from r4b_weights.output_dir import write_directory
+from r4b_weights.output_dir import check_target, write_directory
 from r4b_weights.safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, write_safetensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -94,27 +96,38 @@ def save_hf_checkpoint(
     ``model.multi_modal_projector.*``, ``model.image_newline``, ``lm_head.*``); a ``TextConfig`` (e.g.
     ``Qwen3ForCausalLM``) as a plain Qwen3 checkpoint (``model.*``, ``lm_head.*``).
     Shards (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) are used when
-    the tensors exceed ``max_shard_bytes``; an earlier r4b export in ``directory`` is replaced whole (its
-    stale shards go). ``source_dir``: also copy the tokenizer / processor / template / generation /
+    the tensors exceed ``max_shard_bytes``; with ``force`` an earlier r4b export in ``directory`` is replaced
+    whole (its stale shards go). ``source_dir``: also copy the tokenizer / processor / template / generation /
     remote-code files from that checkpoint (see the module docstring). Wrapper parts in parameter names
     (activation-checkpoint, compile) never reach ``state_dict()``; merge LoRA adapters first
     (``r4b_core.training.lora.merge_lora``): their tensors have no HF name.
 
-    ``directory`` must be new, empty or an earlier r4b output; ``force=True`` writes into any other
-    directory, replacing only r4b's own files (and ``config.json`` / the copied source files, which it writes)
+    ``directory`` must be new or empty; ``force=True`` writes into any other directory (an earlier export too), replacing only r4b's own files (and ``config.json`` / the copied source files, which it writes)
     and keeping the rest; a file it did not write that would be read with the checkpoint is refused
     (FileExistsError naming it). Written through a temporary directory: a failure leaves ``directory`` as it was.
     """
     tensors, hf_config = _hf_tensors_and_config(model)
-    replaced = {"config.json", *(source_file_names(source_dir) if source_dir is not None else [])}
     weight_names: list[str] = []
 
     def fill(staging: Path) -> None:
         weight_names.extend(p.name for p in _write_files(tensors, hf_config, staging, max_shard_bytes, source_dir))
 
-    target = write_directory(directory, fill, force=force, reuse_own=True, what="an exported checkpoint",
-                             keeps_out=lambda name: read_with_export(name) and name not in replaced)
+    target = write_directory(directory, fill, force=force, what="an exported checkpoint",
+                             keeps_out=export_keeps_out(source_dir))
     return [target / name for name in weight_names]
+
+
+def export_keeps_out(source_dir: str | Path | None = None) -> Callable[[str], bool]:
+    """The files of another writer that block an export with ``force`` (``read_with_export`` names the export
+    does not write itself)."""
+    replaced = {"config.json", *(source_file_names(source_dir) if source_dir is not None else [])}
+    return lambda name: read_with_export(name) and name not in replaced
+
+
+def check_export_target(directory: str | Path, source_dir: str | Path | None = None, force: bool = False) -> None:
+    """The checks ``save_hf_checkpoint`` makes before writing, alone: for callers with expensive work before
+    the export (a training run checks its ``--out`` before the first step). FileExistsError naming the problem."""
+    check_target(Path(directory).expanduser(), force, export_keeps_out(source_dir), "an exported checkpoint")
 
 
 def write_hf_files(model: nn.Module, directory: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,

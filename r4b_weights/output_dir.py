@@ -14,7 +14,8 @@ nothing from r4b, so that the weights layer can use it.
            a weight shard)                                         -> FileExistsError naming them
       2. ``fill(staging)`` writes every file into a fresh temporary directory beside ``target`` (same file
          system), plus the manifest ``.r4b-manifest.json`` listing them. A crash, Ctrl-C or a full disk here
-         leaves ``target`` untouched and the temporary directory removed.
+         leaves ``target`` untouched and the temporary directory removed; one a killed process left
+         (SIGKILL: no clean-up ran) is removed by the next write of ``target`` (``remove_stale_staging``).
       3. commit: a new or empty ``target`` is replaced by the finished directory in one rename (readers see
          the old state or the whole new one). With ``force`` over an earlier output the files are renamed in
          one at a time (a stale shard index removed first), then r4b's own earlier files that the new output
@@ -62,6 +63,12 @@ def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], wh
     ours = read_manifest(target)
     if reuse_own and MANIFEST_NAME in entries and all(name in ours or name == MANIFEST_NAME for name in entries):
         force = True  # an earlier r4b output and nothing else: replacing it is what the caller asked for
+    if not force and ours:
+        raise FileExistsError(
+            f"{target} holds an earlier r4b output ({_names(entries)}); r4b does not replace it unless told: pass "
+            "--force (force=True) to replace the files r4b wrote there (files it did not write are kept, never "
+            "deleted), or choose another directory."
+        )
     if not force:
         raise FileExistsError(
             f"{target} is not empty (it holds {_names(entries)}); r4b writes {what} only into a new or empty "
@@ -77,15 +84,69 @@ def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], wh
         )
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where the kernel shows it (/proc/self/status);
+    elsewhere by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def give_usual_mode(path: str | Path) -> None:
+    """Give a file (0666) or directory (0777) the mode the umask allows: for what ``mkstemp`` / ``mkdtemp``
+    or safetensors created private (0600 / 0700) and is then renamed into the user's view."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+
+
+STAGING_MARK = ".r4b-tmp-"  # staging directories are named ``.<target>.r4b-tmp-<pid>-<random>``
+
+
 def _staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.r4b-tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the output gets a directory's usual mode
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}{os.getpid()}-", dir=target.parent))
+    give_usual_mode(staging)  # mkdtemp makes 0700; the output gets a directory's usual mode
     return staging
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or a pid we cannot ask about): assume it is alive
+    return True
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the staging directories an earlier write of ``target`` left when it was killed (SIGKILL, power
+    loss: no ``finally`` ran). Only directories named ``.<target>.r4b-tmp-<pid>-*`` whose process is gone
+    and that hold nothing but plain files (r4b's staging is flat) are removed; one of a live process (a
+    write still running) is kept. Returns what was removed."""
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    prefix = f".{target.name}{STAGING_MARK}"
+    for d in target.parent.iterdir():
+        pid_text = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        try:
+            if d.is_symlink() or not d.is_dir() or not all(f.is_file() and not f.is_symlink() for f in d.iterdir()):
+                continue
+            shutil.rmtree(d)
+            removed.append(d)
+        except OSError:
+            continue
+    return removed
 def write_directory(target: str | Path, fill: Callable[[Path], None], *, force: bool = False,
                     keeps_out: Callable[[str], bool] = lambda name: False, what: str = "the output",
                     reuse_own: bool = False) -> Path:

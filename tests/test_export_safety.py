@@ -5,7 +5,8 @@ leaves the previous export as it was.
 
 The old export wrote config.json in place, deleted every ``model-*-of-*`` shard and index it found (its own
 or not) and kept everything else; a failure half-way left a mix of old and new files. Each test here fails
-on it. (Re-exporting into the same directory is also tested in test_weights.py.)
+on it. An earlier export is replaced only with ``force=True`` too (issue 21). (Re-exporting into the same
+directory is also tested in test_weights.py.)
 """
 
 from __future__ import annotations
@@ -101,10 +102,15 @@ def test_force_keeps_user_files_and_replaces_only_r4b_s_own(tmp_path):
         save_hf_checkpoint(second, target)
 
 
-def test_re_export_over_an_earlier_export_needs_no_force(tmp_path):
+def test_re_export_over_an_earlier_export_needs_force(tmp_path):
+    # issue 21: a second training run replaced the first run's export without a word
     save_hf_checkpoint(small_model(1), tmp_path / "out", max_shard_bytes=SHARD_BYTES)
+    before = snapshot(tmp_path / "out")
     newer = small_model(2)
-    save_hf_checkpoint(newer, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="holds an earlier r4b output .*force"):
+        save_hf_checkpoint(newer, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == before
+    save_hf_checkpoint(newer, tmp_path / "out", force=True)
     assert sorted(manifest(tmp_path / "out")) == ["config.json", "model.safetensors"]
     assert not list((tmp_path / "out").glob("model-*")) and same_weights(tmp_path / "out", newer)
 
@@ -116,7 +122,7 @@ def test_a_full_disk_half_way_leaves_the_previous_export_intact(tmp_path, monkey
     before = snapshot(target)
     calls = fail_on_second_write(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
-        save_hf_checkpoint(small_model(2), target, max_shard_bytes=SHARD_BYTES)
+        save_hf_checkpoint(small_model(2), target, max_shard_bytes=SHARD_BYTES, force=True)
     assert len(calls) == 2  # it did fail on the second shard
     assert snapshot(target) == before and leftovers(tmp_path, "out") == []
     monkeypatch.undo()
@@ -142,7 +148,7 @@ def test_source_files_are_copied_and_a_user_template_is_not_shadowed(tmp_path):
         assert (out / name).read_bytes() == (source / name).read_bytes() and name in manifest(out)
     # over itself: an r4b export as its own source (the files are copied before the old ones are replaced)
     newer = small_model(2)
-    save_hf_checkpoint(newer, out, source_dir=out)
+    save_hf_checkpoint(newer, out, source_dir=out, force=True)
     assert (out / "chat_template.jinja").read_text() == "source {{ messages }}" and same_weights(out, newer)
     # without source_dir, a user's template next to the export would win over the built-in one: refused
     mine = tmp_path / "mine"

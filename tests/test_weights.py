@@ -62,11 +62,11 @@ def random_model(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     return model
 
 
-def saved(directory: Path, seed: int = 0, max_shard_bytes: int | None = None, **overrides):
+def saved(directory: Path, seed: int = 0, max_shard_bytes: int | None = None, force: bool = False, **overrides):
     """(directory, model): a random small model written with save_hf_checkpoint."""
     model = random_model(seed, **overrides)
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    save_hf_checkpoint(model, directory, **kwargs)
+    save_hf_checkpoint(model, directory, force=force, **kwargs)
     return directory, model
 
 
@@ -317,12 +317,12 @@ def test_transformers_loads_our_export(tmp_path, tie):
 
 def test_resaving_into_the_same_directory_loads_the_new_weights(tmp_path):
     saved(tmp_path, seed=0, max_shard_bytes=40_000)  # an earlier sharded save
-    _, newer = saved(tmp_path, seed=1)  # re-export (single file) into the same directory
+    _, newer = saved(tmp_path, seed=1, force=True)  # re-export (single file) into the same directory
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert not list(tmp_path.glob("model-*-of-*.safetensors"))
     loaded = Qwen3ForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.model.embed_tokens.weight, newer.model.embed_tokens.weight)
-    _, sharded = saved(tmp_path, seed=2, max_shard_bytes=40_000)  # and back to shards
+    _, sharded = saved(tmp_path, seed=2, max_shard_bytes=40_000, force=True)  # and back to shards
     assert not (tmp_path / "model.safetensors").exists()
     loaded = Qwen3ForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.model.embed_tokens.weight, sharded.model.embed_tokens.weight)
