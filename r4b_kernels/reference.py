@@ -9,6 +9,10 @@ Notation:
 Everything is computed in fp32 whatever the input dtypes; the result is cast to q's dtype. Slots at or
 past ``seq_lens[b]`` are never used, not even multiplied by zero, so they may hold anything (NaN included).
 Query head h reads KV head h // G, as transformers' ``repeat_kv`` and SDPA's ``enable_gqa`` do.
+
+Paged cache (``paged_decode_attention_reference``, ``gather_paged_kv``): a pool [NB, P, Hkv, D] of
+blocks of P tokens and a block table [B, M]; sequence b's token t is pool[block_table[b, t // P], t % P].
+The reference gathers each sequence's blocks into a contiguous [B, Hkv, S, D] cache and attends as above.
 """
 
 from __future__ import annotations
@@ -49,3 +53,44 @@ def decode_attention_reference(
     probs = torch.softmax(scores, dim=-1)  # fp32
     out = torch.einsum("bhgs,bhsd->bhgd", probs, vf)  # [B, Hkv, G, D]
     return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def gather_paged_kv(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """pool [NB, P, Hkv, D], block_table [B, M] int -> [B, Hkv, num_tokens, D], each sequence's first
+    ``num_tokens`` (default M * P) token slots in order (a copy; a permuted view of it, not contiguous).
+
+    Table entries are clamped to [0, NB), so unused entries (-1 or anything) gather some block: slots past
+    a sequence's length hold whatever that block holds and must be masked by the caller.
+    """
+    if pool.ndim != 4 or block_table.ndim != 2:
+        raise ValueError(
+            f"expected pool [num_blocks, block_size, Hkv, D] and block_table [B, max_blocks_per_seq], got "
+            f"pool {tuple(pool.shape)}, block_table {tuple(block_table.shape)}."
+        )
+    NB, P, Hkv, D = pool.shape
+    B, M = block_table.shape
+    num_tokens = M * P if num_tokens is None else num_tokens
+    if not 0 < num_tokens <= M * P:
+        raise ValueError(f"num_tokens must lie in [1, {M} * {P}] (the block table's reach), got {num_tokens}.")
+    n_blocks = -(-num_tokens // P)
+    ids = block_table[:, :n_blocks].to(device=pool.device, dtype=torch.long).clamp(0, NB - 1)  # [B, n_blocks]
+    tokens = pool[ids].reshape(B, n_blocks * P, Hkv, D)[:, :num_tokens]  # [B, num_tokens, Hkv, D]
+    return tokens.permute(0, 2, 1, 3)  # [B, Hkv, num_tokens, D]
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [B, Hq, D], k_pool/v_pool [NB, P, Hkv, D], block_table [B, M], seq_lens [B] (each in [1, M * P])
+    -> [B, Hq, D] (q.dtype): gather each sequence's blocks, then ``decode_attention_reference`` (fp32)."""
+    if v_pool.shape != k_pool.shape:
+        raise ValueError(f"v_pool {tuple(v_pool.shape)} differs from k_pool {tuple(k_pool.shape)}.")
+    num_tokens = int(seq_lens.max())  # host read: this is the ground truth, not a hot path
+    k = gather_paged_kv(k_pool, block_table, num_tokens)
+    v = gather_paged_kv(v_pool, block_table, num_tokens)
+    return decode_attention_reference(q, k, v, seq_lens, scale)
