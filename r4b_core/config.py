@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from r4b_core.json_io import MANUAL, OMIT_NONE, read_fields, read_json, write_fields
+from r4b_core.json_io import MANUAL, OMIT_NONE, is_int, read_fields, read_json, write_fields
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 
@@ -60,10 +59,6 @@ def max_tiles(vision_aspect_ratio: str) -> int | None:
     return int(n)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def check_pinpoints(pinpoints: Any, tile_size: int | None = None) -> list[tuple[int, int]]:
     """``image_grid_pinpoints`` as [(height, width), ...] of Python ints; ConfigError unless it is a
     non-empty list of positive [height, width] pairs, each a multiple of ``tile_size`` when given
@@ -72,7 +67,7 @@ def check_pinpoints(pinpoints: Any, tile_size: int | None = None) -> list[tuple[
         pinpoints = pinpoints.tolist()
     ok = isinstance(pinpoints, (list, tuple)) and len(pinpoints) > 0
     pinpoints = [p.tolist() if hasattr(p, "tolist") else p for p in pinpoints] if ok else pinpoints
-    ok = ok and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(x) and x > 0 for x in p)
+    ok = ok and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(is_int(x) and x > 0 for x in p)
                     for p in pinpoints)
     if not ok:
         raise ConfigError(
@@ -81,7 +76,7 @@ def check_pinpoints(pinpoints: Any, tile_size: int | None = None) -> list[tuple[
         )
     pins = [(int(h), int(w)) for h, w in pinpoints]
     if tile_size is not None:
-        if not _is_int(tile_size) or tile_size <= 0:
+        if not is_int(tile_size) or tile_size <= 0:
             raise ConfigError(f"tile size {tile_size!r} must be a positive integer.")
         for h, w in pins:
             if h % tile_size or w % tile_size:
@@ -98,7 +93,7 @@ def check_pinpoints(pinpoints: Any, tile_size: int | None = None) -> list[tuple[
 def _positive(obj: Any, keys: tuple[str, ...], where: str = "") -> None:
     for key in keys:
         value = getattr(obj, key)
-        if not _is_int(value) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(f"key '{where}{key}' = {value!r} must be a positive integer.")
         if value >= 2**31:  # torch sizes are int64; no real model comes near this (and products must fit)
             raise ConfigError(f"key '{where}{key}' = {value!r} is too large (the limit is 2**31 - 1).")
@@ -311,7 +306,7 @@ class R4BConfig(_HFConfig):
             raise ConfigError(f"key 'projector_hidden_act' = {act!r} is not supported (R-4B: 'gelu').")
         check_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
         n = self.vision_config.num_hidden_layers
-        if not all(_is_int(i) and -(n + 1) <= i <= n for i in (layer if isinstance(layer, list) else [layer])):
+        if not all(is_int(i) and -(n + 1) <= i <= n for i in (layer if isinstance(layer, list) else [layer])):
             raise ConfigError(f"key 'vision_feature_layer' = {layer!r} is out of range for {n} vision layers "
                               f"(hidden_states has {n + 1} entries).")
         if not 0 <= self.image_token_index < self.text_config.vocab_size:
@@ -354,7 +349,7 @@ class R4BConfig(_HFConfig):
         image_token, *alias = (rest.pop(k) for k in keys)
         if alias and alias[0] != image_token:
             raise ConfigError(f"'image_token_index' = {image_token} and its alias 'image_token_id' = {alias[0]} disagree.")
-        if not _is_int(image_token):
+        if not is_int(image_token):
             raise ConfigError(f"key '{keys[0]}' = {image_token!r} should be of type int.")
         return {"text_config": text, "vision_config": vision, "image_token_index": image_token, "image_token_keys": keys}
 

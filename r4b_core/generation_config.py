@@ -17,32 +17,23 @@ other keys (``bos_token_id``, ``transformers_version``, ...) are ignored. The va
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r4b_core.json_io import MANUAL, read_fields, read_json_if_present
+from r4b_core.json_io import MANUAL, is_int, is_number, read_fields, read_json_if_present
 
 FILE_NAME = "generation_config.json"
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
     """ValueError naming the value unless temperature is a finite number >= 0, top_k an int >= 0 and
     top_p a number in (0, 1]; None means "not set" and passes."""
-    if temperature is not None and not (_is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
+    if temperature is not None and not (is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature = {temperature!r} should be a finite number >= 0 (0 = greedy).")
-    if top_k is not None and not (_is_int(top_k) and top_k >= 0):
+    if top_k is not None and not (is_int(top_k) and top_k >= 0):
         raise ValueError(f"top_k = {top_k!r} should be an integer >= 0 (0 = off).")
-    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p = {top_p!r} should be a number in (0, 1] (1 = off).")
 
 
@@ -57,7 +48,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
             raise ValueError(f"seed = {self.seed!r} should be an integer from 0 to 2**64 - 1 (what torch.Generator "
                              "takes).")
 
@@ -76,10 +67,10 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         eos = self.eos_token_id
         ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        if not all(_is_int(i) and i >= 0 for i in ids):
+        if not all(is_int(i) and i >= 0 for i in ids):
             raise ValueError(f"eos_token_id = {eos!r} should be an id or a list of ids.")
         self.eos_token_id = list(ids)
-        if self.pad_token_id is not None and not (_is_int(self.pad_token_id) and self.pad_token_id >= 0):
+        if self.pad_token_id is not None and not (is_int(self.pad_token_id) and self.pad_token_id >= 0):
             raise ValueError(f"pad_token_id = {self.pad_token_id!r} should be a token id (an integer >= 0).")
         check_sampling(self.temperature, self.top_k, self.top_p)
 
@@ -100,10 +91,17 @@ class GenerationConfig:
         d = read_json_if_present(path, what="the generation defaults")
         return cls() if d is None else cls.from_hf_dict(d, source=str(path))
 
-    def sampling(self, seed: int | None = None) -> SamplingParams:
-        """The checkpoint's default sampling: greedy unless it sets ``do_sample``; unset values mean
-        temperature 1, no top-k and no top-p. A temperature of 0 is greedy, as in ``SamplingParams``."""
-        if not self.do_sample:
-            return SamplingParams(seed=seed)
-        return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
-                              top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, seed=seed)
+    def sampling(self, seed: int | None = None, *, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None) -> SamplingParams:
+        """The checkpoint's default sampling with a caller's overrides (``r4b generate``'s flags, a served
+        request's fields; None = not given, the default stays). Defaults: greedy unless the file sets
+        ``do_sample``; unset values mean temperature 1, no top-k and no top-p. A temperature of 0 is greedy,
+        as in ``SamplingParams``, whose checks (ValueError naming the value) run on the merged values."""
+        if self.do_sample:
+            defaults = SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
+                                      top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p)
+        else:
+            defaults = SamplingParams()
+        return SamplingParams(temperature=defaults.temperature if temperature is None else temperature,
+                              top_k=defaults.top_k if top_k is None else top_k,
+                              top_p=defaults.top_p if top_p is None else top_p, seed=seed)

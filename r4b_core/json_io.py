@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -92,8 +93,15 @@ def _json_type(value: object) -> str:
 # dataclass fields <-> JSON keys
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def is_int(x: Any) -> bool:
+    """Whether ``x`` is an integer (Python or numpy), not a bool: the one integer check of config, JSON and
+    request values (``True`` is an int to Python, never a count or an id to r4b)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    """Whether ``x`` is a real number (int or float, Python or numpy), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def matches_annotation(value: Any, hint: Any) -> bool:
@@ -104,7 +112,7 @@ def matches_annotation(value: Any, hint: Any) -> bool:
     if origin is list:
         return isinstance(value, list) and all(matches_annotation(x, args[0]) for x in value if args)
     if hint in (int, float):
-        return _is_int(value) or (hint is float and isinstance(value, float))
+        return is_int(value) or (hint is float and isinstance(value, float))
     return isinstance(value, origin or hint)
 
 

@@ -24,11 +24,9 @@ The device is checked (r4b_core/devices.py) before step 1.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +35,15 @@ import torch.nn as nn
 
 from r4b_core.config import R4BConfig, TextConfig, read_config_json
 from r4b_core.devices import check_device
+from r4b_weights.config_checks import (
+    ConfigCheck,
+    LayerCountRule,
+    check_config,
+    layer_count_problems,
+    layer_count_rules,
+    r4b_config_checks,
+    text_config_checks,
+)
 from r4b_weights.errors import (
     ConfigMismatchError,
     CorruptCheckpointError,
@@ -83,71 +90,6 @@ def resolve_dtype(dtype: torch.dtype | str, raw_config: dict | None = None) -> t
     return DTYPES[dtype]
 
 
-# A check is (model tensor name, dimension, config key, value config.json gives it).
-ConfigCheck = tuple[str, int, str, int]
-
-
-def text_config_checks(config: TextConfig, prefix: str, section: str) -> list[ConfigCheck]:
-    """What a Qwen3 config implies for layer-0 tensor shapes; ``prefix`` is the decoder's name prefix."""
-    key = (section + ".") if section else ""
-    layer0 = f"{prefix}layers.0."
-    q_rows = config.num_attention_heads * config.head_dim
-    kv_rows = config.num_key_value_heads * config.head_dim
-    return [
-        (f"{prefix}embed_tokens.weight", 0, f"{key}vocab_size", config.vocab_size),
-        (f"{prefix}embed_tokens.weight", 1, f"{key}hidden_size", config.hidden_size),
-        (f"{layer0}self_attn.q_norm.weight", 0, f"{key}head_dim", config.head_dim),
-        (f"{layer0}self_attn.q_proj.weight", 0, f"{key}num_attention_heads * head_dim", q_rows),
-        (f"{layer0}self_attn.k_proj.weight", 0, f"{key}num_key_value_heads * head_dim", kv_rows),
-        (f"{layer0}mlp.gate_proj.weight", 0, f"{key}intermediate_size", config.intermediate_size),
-    ]
-
-
-def r4b_config_checks(config: R4BConfig) -> list[ConfigCheck]:
-    """Text checks (under ``language_model.model.``) plus what the vision and projector keys imply."""
-    v = config.vision_config
-    layer0 = "vision_tower.encoder.layers.0."
-    return text_config_checks(config.text_config, "language_model.model.", "text_config") + [
-        ("vision_tower.embeddings.patch_embedding.weight", 0, "vision_config.hidden_size", v.hidden_size),
-        ("vision_tower.embeddings.patch_embedding.weight", 1, "vision_config.num_channels", v.num_channels),
-        ("vision_tower.embeddings.patch_embedding.weight", 2, "vision_config.patch_size", v.patch_size),
-        ("vision_tower.embeddings.position_embedding.weight", 0, "(vision_config.image_size // patch_size)^2",
-         v.num_patches),
-        (f"{layer0}mlp.fc1.weight", 0, "vision_config.intermediate_size", v.intermediate_size),
-        ("multi_modal_projector.linear_1.weight", 0, "text_config.hidden_size", config.text_config.hidden_size),
-        ("multi_modal_projector.linear_1.weight", 1, "vision_config.hidden_size x len(vision_feature_layer)",
-         config.projector_input_size),
-    ]
-
-
-def _check_config(
-    checks: list[ConfigCheck], layer_counts: list[tuple[str, str, int]], shapes: dict[str, tuple[int, ...]],
-    hf_name: dict[str, str], infos: dict[str, TensorInfo], config_path: str,
-) -> None:
-    problems = []
-    for name, dim, key, value in checks:
-        if name in shapes and len(shapes[name]) > dim and shapes[name][dim] != value:
-            hf = hf_name[name]
-            problems.append(
-                f"{key} = {value}, but tensor '{hf}' in {infos[hf].file.name} has shape {list(shapes[name])} "
-                f"(dimension {dim} is {shapes[name][dim]})"
-            )
-    problems += _layer_count_problems(layer_counts, shapes)
-    if problems:
-        raise ConfigMismatchError(f"{config_path} disagrees with the checkpoint's tensors: " + "; ".join(problems) + ".")
-
-
-def _layer_count_problems(layer_counts: list[tuple[str, str, int]], names: Iterable[str]) -> list[str]:
-    """For each (regex with the layer index as group 1, config key, count): a message when the layer indices
-    in ``names`` are not exactly 0..count-1."""
-    problems = []
-    for pattern, key, value in layer_counts:
-        found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
-        if found and found != set(range(value)):
-            problems.append(f"{key} = {value}, but the checkpoint has layers {min(found)}..{max(found)} ({len(found)} layers)")
-    return problems
-
-
 def check_layer_counts(directory: str | Path, config: R4BConfig | TextConfig, config_path: str | Path,
                        raw: dict) -> None:
     """The config's layer counts against the checkpoint's tensor names (safetensors headers only), run by
@@ -162,15 +104,7 @@ def check_layer_counts(directory: str | Path, config: R4BConfig | TextConfig, co
             continue  # reported by the full load
         if ours is not None:
             names.append(ours)
-    text_rule = r"language_model\.model\.layers\.(\d+)\."
-    if isinstance(config, R4BConfig):
-        rules = [(text_rule, "text_config.num_hidden_layers", config.text_config.num_hidden_layers),
-                 (r"vision_tower\.encoder\.layers\.(\d+)\.", "vision_config.num_hidden_layers",
-                  config.vision_config.num_hidden_layers)]
-    else:
-        key = "text_config.num_hidden_layers" if "text_config" in raw else "num_hidden_layers"
-        rules = [(text_rule, key, config.num_hidden_layers)]
-    problems = _layer_count_problems(rules, names)
+    problems = layer_count_problems(layer_count_rules(config, "text_config" in raw, full_names=True), names)
     if problems:
         raise ConfigMismatchError(f"{config_path} disagrees with the checkpoint's tensors: " + "; ".join(problems) + ".")
 
@@ -250,7 +184,7 @@ def load_checkpoint_into(
     device: torch.device | str,
     tied: dict[str, str],
     config_checks: list[ConfigCheck],
-    layer_counts: list[tuple[str, str, int]],
+    layer_counts: list[LayerCountRule],
     config_path: str,
     progress: bool = False,
     check_finite: bool = False,
@@ -268,9 +202,23 @@ def load_checkpoint_into(
     first, by HF name and file); it costs one pass over the weights.
     """
     files, index = find_weight_files(directory)
-    infos = read_headers(files, index)
+    infos = read_headers(files, index)  # step 1: headers only
+    hf_name, unexpected = _map_names(infos, to_model_name, tied, directory)  # step 2
+    shapes = {name: infos[hf].shape for name, hf in hf_name.items()}
+    check_config(config_checks, layer_counts, shapes, hf_name, infos, config_path)  # step 3
+    where = f"{directory} ({', '.join(f.name for f in files)})"
+    _check_tensors_fit(model, tied, hf_name, unexpected, infos, to_hf_name, where)
+    state = _read_tensors(hf_name, infos, dtype, device, check_finite,  # step 4
+                          _LoadProgress(len(hf_name), directory.name) if progress else None)
+    _assign(model, state, tied)
 
-    hf_name: dict[str, str] = {}  # model name -> HF name
+
+def _map_names(infos: dict[str, TensorInfo], to_model_name: Callable[[str], str | None], tied: dict[str, str],
+               directory: Path) -> tuple[dict[str, str], list[str]]:
+    """({model name: HF name} of the tensors to read, [HF names no rule knows]). Dropped names and stored
+    copies of tied weights are left out (ignored, as in transformers); two HF spellings of one weight are an
+    error."""
+    hf_name: dict[str, str] = {}
     unexpected: list[str] = []
     for hf in infos:
         try:
@@ -278,21 +226,25 @@ def load_checkpoint_into(
         except UnknownTensorName:
             unexpected.append(hf)
             continue
-        if name is None or name in tied:  # dropped by rule, or a stored copy of a tied weight (ignored, as in transformers)
+        if name is None or name in tied:
             continue
         if name in hf_name:
             raise CorruptCheckpointError(
                 f"{directory}: tensors '{hf_name[name]}' and '{hf}' are two spellings of the same weight; keep one."
             )
         hf_name[name] = hf
-    shapes = {name: infos[hf].shape for name, hf in hf_name.items()}
-    _check_config(config_checks, layer_counts, shapes, hf_name, infos, config_path)
+    return hf_name, unexpected
 
+
+def _check_tensors_fit(model: nn.Module, tied: dict[str, str], hf_name: dict[str, str], unexpected: list[str],
+                       infos: dict[str, TensorInfo], to_hf_name: Callable[[str], str], where: str) -> None:
+    """The checkpoint's tensors against the model's state dict, from the headers: none missing, none without
+    a place, every shape and dtype kind right, and no meta buffer that nothing would fill; one error naming
+    the HF tensors, their files and both shapes (or dtypes)."""
     model_state = {n: t for n, t in model.state_dict().items() if n not in tied}
     expected = {n: tuple(t.shape) for n, t in model_state.items()}
     missing = [n for n in expected if n not in hf_name]
-    unexpected += [hf for name, hf in hf_name.items() if name not in expected]
-    where = f"{directory} ({', '.join(f.name for f in files)})"
+    unexpected = unexpected + [hf for name, hf in hf_name.items() if name not in expected]
     if missing:
         raise MissingTensorError(
             f"{where} lacks tensor(s) the model needs: {name_list(to_hf_name(n) for n in missing)}. "
@@ -305,7 +257,7 @@ def load_checkpoint_into(
             f"{where} holds tensor(s) this model has no place for: {detail}{more}. "
             "Is this checkpoint for a different architecture or config?"
         )
-    wrong = [(n, expected[n], shapes[n]) for n in expected if shapes[n] != expected[n]]
+    wrong = [(n, want, infos[hf_name[n]].shape) for n, want in expected.items() if infos[hf_name[n]].shape != want]
     if wrong:
         detail = "; ".join(
             f"'{hf_name[n]}' in {infos[hf_name[n]].file.name} has shape {list(got)}, expected {list(want)}"
@@ -321,12 +273,16 @@ def load_checkpoint_into(
             f"{name_list(stranded)}; create them on a real device in the module's __init__ (as the RoPE table is)."
         )
 
+
+def _read_tensors(hf_name: dict[str, str], infos: dict[str, TensorInfo], dtype: torch.dtype,
+                  device: torch.device | str, check_finite: bool,
+                  bar: _LoadProgress | None) -> dict[str, torch.Tensor]:
+    """{model name: tensor} read file by file (mmap, one tensor at a time), cast to ``dtype`` on ``device``."""
     by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, hf in hf_name.items():
+    for hf in hf_name.values():
         by_file[infos[hf].file].append(hf)
     model_name = {hf: name for name, hf in hf_name.items()}
     state: dict[str, torch.Tensor] = {}
-    bar = _LoadProgress(sum(len(n) for n in by_file.values()), directory.name) if progress else None
     for path, names in by_file.items():
         for hf, tensor in iter_tensors(path, names, dtype, device):
             if check_finite:
@@ -336,6 +292,11 @@ def load_checkpoint_into(
                 bar.update()
     if bar is not None:
         bar.close()
+    return state
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    """``load_state_dict(strict=True, assign=True)``, then each tied parameter made one ``nn.Parameter``."""
     for name, source in tied.items():
         state[name] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
@@ -354,6 +315,15 @@ def open_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> tu
     find_weight_files(directory)
     config_path, raw = read_config_json(directory)
     return directory, config_path, raw
+
+
+def _model_config(model: nn.Module, expected: type, function: str, config_path: str | Path):
+    """``model.config``, a TypeError unless it is an ``expected`` (the config parsed from ``config_path``)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, expected):
+        raise TypeError(f"{function}: model.config is a {type(config).__name__}; expected the {expected.__name__} "
+                        f"parsed from {config_path}.")
+    return config
 
 
 def load_text_weights(
@@ -376,10 +346,7 @@ def load_text_weights(
     ``load_checkpoint_into``.
     """
     device = check_device(device)
-    config = getattr(model, "config", None)
-    if not isinstance(config, TextConfig):
-        raise TypeError(f"load_text_weights: model.config is a {type(config).__name__}; expected the TextConfig "
-                        f"parsed from {config_path}.")
+    config = _model_config(model, TextConfig, "load_text_weights", config_path)
     is_r4b = "text_config" in raw
 
     def to_model_name(hf: str) -> str | None:
@@ -394,8 +361,7 @@ def load_text_weights(
     load_checkpoint_into(
         model, Path(directory), to_model_name, to_hf_name, resolve_dtype(dtype, raw), device, tied,
         config_checks=text_config_checks(config, "model.", section),
-        layer_counts=[(r"model\.layers\.(\d+)\.", f"{section + '.' if section else ''}num_hidden_layers",
-                       config.num_hidden_layers)],
+        layer_counts=layer_count_rules(config, is_r4b, full_names=False),
         config_path=str(config_path),
         progress=progress,
         check_finite=check_finite,
@@ -421,21 +387,13 @@ def load_r4b_weights(
     first; ``check_finite``: see ``load_checkpoint_into``.
     """
     device = check_device(device)
-    config = getattr(model, "config", None)
-    if not isinstance(config, R4BConfig):
-        raise TypeError(f"load_r4b_weights: model.config is a {type(config).__name__}; expected the R4BConfig "
-                        f"parsed from {config_path}.")
+    config = _model_config(model, R4BConfig, "load_r4b_weights", config_path)
     tied = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"} if config.tie_lm_head else {}
     load_checkpoint_into(
         model, Path(directory), hf_to_ours, lambda name: ours_to_hf(name, R4B), resolve_dtype(dtype, raw), device,
         tied,
         config_checks=r4b_config_checks(config),
-        layer_counts=[
-            (r"language_model\.model\.layers\.(\d+)\.", "text_config.num_hidden_layers",
-             config.text_config.num_hidden_layers),
-            (r"vision_tower\.encoder\.layers\.(\d+)\.", "vision_config.num_hidden_layers",
-             config.vision_config.num_hidden_layers),
-        ],
+        layer_counts=layer_count_rules(config, True, full_names=True),
         config_path=str(config_path),
         progress=progress,
         check_finite=check_finite,

@@ -13,17 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from r4b_core.cli.common import (
-    UsageError,
-    add_image_options,
-    add_max_new_tokens,
-    checkpoint_dir,
-    compute_dtype,
-    images_from_args,
-    max_image_pixels,
-    progress_to_stderr,
-    torch_device,
-)
+from r4b_core.cli.common import UsageError, add_image_options, add_max_new_tokens, set_up
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -71,25 +61,16 @@ def _check_out(path: str, force: bool) -> Path:
 def run(args: argparse.Namespace) -> int:
     from r4b_core.interp.attention_map import check_layers, compute_attention_map, render_overlay, save_png
     from r4b_core.config import R4BConfig
-    from r4b_core.models.r4b import R4BForConditionalGeneration
-    from r4b_core.processing.processor import R4BProcessor
 
     if not 0 <= args.opacity <= 1:
         raise UsageError(f"--opacity {args.opacity} must be between 0 and 1.")
     out = _check_out(args.out, args.force)
-    device = torch_device(args.device)
-    directory, synthetic = checkpoint_dir(args)
-    dtype = compute_dtype(args.dtype, directory)
-    config = R4BConfig.from_pretrained(directory)
+    setup = set_up(args, [args.image], synthetic_note=None if args.json else "its attention is random")
+    picture = setup.images[0]
+    config = R4BConfig.from_pretrained(setup.directory)
     check_layers(args.layers, config.text_config.num_hidden_layers)  # before the weights load
-    if synthetic and not args.json:
-        progress_to_stderr(f"(no --model: using the random-init synthetic checkpoint {directory}; its attention is "
-                           "random)")
-    picture = images_from_args(args, [args.image])[0]
-    processor = R4BProcessor.from_pretrained(directory)
-    processor.max_image_pixels = max_image_pixels(args)
-    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
-                                                        progress=not args.json)
+    processor = setup.load_processor()
+    model = setup.load_model(progress=not args.json)
     result = compute_attention_map(model, processor, picture, args.prompt, layers=args.layers, token=args.token,
                                    new_tokens=0 if args.prompt_only else args.max_new_tokens,
                                    thinking_mode=args.thinking_mode)

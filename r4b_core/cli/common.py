@@ -19,12 +19,16 @@ import math
 import sys
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+    from r4b_core.models.r4b import R4BForConditionalGeneration
+    from r4b_core.processing.processor import R4BProcessor
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_DTYPE = "float32"
@@ -156,13 +160,6 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
                              "89,478,485); for a trusted large image raise it")
 
 
-def max_image_pixels(args: argparse.Namespace) -> int:
-    """``--max-image-pixels``, else PIL's default limit."""
-    from PIL import Image
-
-    return getattr(args, "max_image_pixels", None) or Image.MAX_IMAGE_PIXELS
-
-
 MAX_DOWNLOAD_BYTES = 200 * 1024 * 1024  # an image URL's body is read up to this
 
 
@@ -194,9 +191,52 @@ def open_image(source: str, max_pixels: int | None = None) -> Image.Image:
     return load_image(data, max_pixels=limit, name=source)
 
 
-def images_from_args(args: argparse.Namespace, sources: list[str]) -> list[Image.Image]:
-    """Every ``--image`` opened under ``--max-image-pixels`` (before any weights load)."""
-    return [open_image(source, max_image_pixels(args)) for source in sources]
+@dataclass
+class CommandSetup:
+    """What a command that reads a checkpoint works out from its command line before any weights load
+    (``set_up``): the device, the checkpoint directory, the compute dtype, the opened images and their
+    pixel limit."""
+
+    device: torch.device
+    directory: Path
+    synthetic: bool  # no --model: the built-in random-init synthetic checkpoint
+    dtype: torch.dtype
+    images: list[Image.Image]
+    max_image_pixels: int
+
+    def load_processor(self) -> R4BProcessor:
+        """The checkpoint's processor, refusing images over the command's pixel limit."""
+        from r4b_core.processing.processor import R4BProcessor
+
+        processor = R4BProcessor.from_pretrained(self.directory)
+        processor.max_image_pixels = self.max_image_pixels
+        return processor
+
+    def load_model(self, progress: bool = True) -> R4BForConditionalGeneration:
+        """The checkpoint's model in the command's dtype on its device (progress lines on stderr)."""
+        from r4b_core.models.r4b import R4BForConditionalGeneration
+
+        return R4BForConditionalGeneration.from_pretrained(self.directory, dtype=self.dtype, device=self.device,
+                                                           progress=progress)
+
+
+def set_up(args: argparse.Namespace, image_sources: list[str] | tuple[str, ...] = (), *,
+           synthetic_note: str | None = None, default_max_image_pixels: int | None = None) -> CommandSetup:
+    """The one prologue of the commands that read a checkpoint, each step's errors before the next and all
+    before the weights load: ``--device`` -> ``--model`` (else the synthetic checkpoint) -> ``--dtype`` ->
+    every image in ``image_sources`` opened under ``--max-image-pixels`` (else ``default_max_image_pixels``,
+    else PIL's limit). ``synthetic_note``: printed to stderr as "(no --model: using the random-init synthetic
+    checkpoint DIR; NOTE)" when that checkpoint is used."""
+    from PIL import Image
+
+    device = torch_device(args.device)
+    directory, synthetic = checkpoint_dir(args)
+    dtype = compute_dtype(args.dtype, directory)
+    if synthetic and synthetic_note is not None:
+        progress_to_stderr(f"(no --model: using the random-init synthetic checkpoint {directory}; {synthetic_note})")
+    limit = getattr(args, "max_image_pixels", None) or default_max_image_pixels or Image.MAX_IMAGE_PIXELS
+    images = [open_image(source, limit) for source in image_sources]
+    return CommandSetup(device, directory, synthetic, dtype, images, limit)
 
 
 def seed_int(text: str) -> int:

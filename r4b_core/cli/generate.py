@@ -20,15 +20,11 @@ from r4b_core.cli.common import (
     add_image_options,
     add_max_new_tokens,
     add_quantize,
-    checkpoint_dir,
-    compute_dtype,
     finite_float,
-    images_from_args,
-    max_image_pixels,
     non_negative_int,
     progress_to_stderr,
     seed_int,
-    torch_device,
+    set_up,
 )
 
 
@@ -118,28 +114,15 @@ def run(args: argparse.Namespace) -> int:
 
     from r4b_core.generation.chat import ChatStream
     from r4b_core.generation.generate import check_lengths, warm_up_decode_step
-    from r4b_core.generation_config import SamplingParams
-    from r4b_core.models.r4b import R4BForConditionalGeneration
-    from r4b_core.processing.processor import R4BProcessor
     from r4b_core.models.fast_linears import fast_linears
     from r4b_core.generation.thinking_budget import thinking_budget_for
 
-    device = torch_device(args.device)
-    directory, synthetic = checkpoint_dir(args)
-    dtype = compute_dtype(args.dtype, directory)
-    if synthetic and not args.json:
-        progress_to_stderr(f"(no --model: using the random-init synthetic checkpoint {directory}; its text is random)")
-    processor = R4BProcessor.from_pretrained(directory)  # reads generation_config.json, once
+    setup = set_up(args, args.image, synthetic_note=None if args.json else "its text is random")
+    images, directory = setup.images, setup.directory
+    processor = setup.load_processor()  # reads generation_config.json, once
     gen_config = processor.generation_config
-    defaults = gen_config.sampling(seed=args.seed)
-    sampling = SamplingParams(  # checks the values before the weights load
-        temperature=defaults.temperature if args.temperature is None else args.temperature,
-        top_k=defaults.top_k if args.top_k is None else args.top_k,
-        top_p=defaults.top_p if args.top_p is None else args.top_p,
-        seed=args.seed,
-    )
-    images = images_from_args(args, args.image)
-    processor.max_image_pixels = max_image_pixels(args)
+    sampling = gen_config.sampling(args.seed, temperature=args.temperature, top_k=args.top_k,  # checked now,
+                                   top_p=args.top_p)                                            # before the load
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     messages = [{"role": "user", "content": content}]
     # the whole prompt (template, placeholders, images, length) is checked here, before the weights load
@@ -149,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
                   processor.config.text_config.max_position_embeddings)
     thinking_budget_for(processor, inputs["input_ids"][0].tolist(), args.max_thinking_tokens)  # its checks, too
     t_load = time.perf_counter()
-    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
-                                                        progress=not args.json)
+    model = setup.load_model(progress=not args.json)
     t_load = time.perf_counter() - t_load
     linears = fast_linears(model, args.quantize, compile=args.compile)
     if args.compile and not args.json:

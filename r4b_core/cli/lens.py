@@ -10,16 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from r4b_core.cli.common import (
-    add_image_options,
-    checkpoint_dir,
-    compute_dtype,
-    images_from_args,
-    max_image_pixels,
-    positive_int,
-    progress_to_stderr,
-    torch_device,
-)
+from r4b_core.cli.common import add_image_options, positive_int, set_up
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -48,25 +39,15 @@ def run(args: argparse.Namespace) -> int:
     from r4b_core.interp.attention_map import check_layers
     from r4b_core.config import R4BConfig
     from r4b_core.interp.logit_lens import lens_for_prompt
-    from r4b_core.models.r4b import R4BForConditionalGeneration
-    from r4b_core.processing.processor import R4BProcessor
 
-    device = torch_device(args.device)
-    directory, synthetic = checkpoint_dir(args)
-    dtype = compute_dtype(args.dtype, directory)
-    config = R4BConfig.from_pretrained(directory)
+    setup = set_up(args, args.image, synthetic_note=None if args.json else "its guesses are random")
+    config = R4BConfig.from_pretrained(setup.directory)
     layers = check_layers(args.layers, config.text_config.num_hidden_layers)  # before the weights load
     if args.top_k > config.text_config.vocab_size:
         raise ValueError(f"--top-k {args.top_k} is larger than the vocabulary ({config.text_config.vocab_size}).")
-    if synthetic and not args.json:
-        progress_to_stderr(f"(no --model: using the random-init synthetic checkpoint {directory}; its guesses are "
-                           "random)")
-    images = images_from_args(args, args.image)
-    processor = R4BProcessor.from_pretrained(directory)
-    processor.max_image_pixels = max_image_pixels(args)
-    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device,
-                                                        progress=not args.json)
-    result = lens_for_prompt(model, processor, args.prompt, images, positions=args.positions, top_k=args.top_k,
+    processor = setup.load_processor()
+    model = setup.load_model(progress=not args.json)
+    result = lens_for_prompt(model, processor, args.prompt, setup.images, positions=args.positions, top_k=args.top_k,
                              thinking_mode=args.thinking_mode, layers=layers)
 
     def decode(ids: list[int]) -> str:

@@ -9,15 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from r4b_core.cli.common import (
-    add_image_options,
-    add_max_new_tokens,
-    checkpoint_dir,
-    compute_dtype,
-    images_from_args,
-    max_image_pixels,
-    torch_device,
-)
+from r4b_core.cli.common import add_image_options, add_max_new_tokens, set_up
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -43,17 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction,
 def run(args: argparse.Namespace) -> int:
     from r4b_core.reference.parity import run_parity
 
-    device = torch_device(args.device)
-    directory, synthetic = checkpoint_dir(args)
-    dtype = compute_dtype(args.dtype, directory)
-    image = images_from_args(args, [args.image])[0] if args.image else None
-    report = run_parity(directory, image=image, prompt=args.prompt, dtype=dtype, device=device,
-                        greedy_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
-                        max_image_pixels=max_image_pixels(args))
+    setup = set_up(args, [args.image] if args.image else [])
+    report = run_parity(setup.directory, image=setup.images[0] if setup.images else None, prompt=args.prompt,
+                        dtype=setup.dtype, device=setup.device, greedy_tokens=args.max_new_tokens,
+                        trust_remote_code=args.trust_remote_code, max_image_pixels=setup.max_image_pixels)
     if args.json:
         print(json.dumps(report.as_dict()))
     else:
-        label = " (built-in synthetic checkpoint)" if synthetic else ""
-        print(f"parity: r4b vs transformers on {directory}{label}, {report.dtype} on {device}")
+        label = " (built-in synthetic checkpoint)" if setup.synthetic else ""
+        print(f"parity: r4b vs transformers on {setup.directory}{label}, {report.dtype} on {setup.device}")
         print(report.table())
     return 0 if report.passed else 1

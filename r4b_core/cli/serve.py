@@ -19,13 +19,11 @@ from pathlib import Path
 from r4b_core.cli.common import (
     UsageError,
     add_quantize,
-    checkpoint_dir,
-    compute_dtype,
     finite_float,
     non_negative_int,
     positive_int,
     progress_to_stderr,
-    torch_device,
+    set_up,
 )
 
 DEFAULT_MAX_BATCH_SIZE = 8
@@ -102,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: F401
 
     from r4b_core.config import R4BConfig
-    from r4b_core.models.r4b import R4BForConditionalGeneration
-    from r4b_core.processing.processor import R4BProcessor
     from r4b_core.models.fast_linears import fast_linears
     from r4b_core.serve.api import ServerConfig, create_app
     from r4b_core.serve.engine import Engine
@@ -119,19 +115,14 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and api_key is None:
         progress_to_stderr(f"r4b serve: warning: listening on {args.host} without --api-key; anyone who can reach "
                            "this address can use the model.")
-    device = torch_device(args.device)
-    directory, synthetic = checkpoint_dir(args)
-    dtype = compute_dtype(args.dtype, directory)
+    setup = set_up(args, synthetic_note="its text is random", default_max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    directory, dtype, device = setup.directory, setup.dtype, setup.device
     positions = R4BConfig.from_pretrained(directory).text_config.max_position_embeddings
     if args.max_seq_len is not None and not 2 <= args.max_seq_len <= positions:
         raise UsageError(f"--max-seq-len {args.max_seq_len}: must be in 2..{positions} (the model's "
                          "max_position_embeddings).")
-    if synthetic:
-        progress_to_stderr(f"(no --model: serving the random-init synthetic checkpoint {directory}; its text is "
-                           "random)")
-    processor = R4BProcessor.from_pretrained(directory)
-    processor.max_image_pixels = args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS  # the server's one image limit
-    model = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device, progress=True)
+    processor = setup.load_processor()  # the server's one image limit: --max-image-pixels, else the default
+    model = setup.load_model()
     fast_linears(model, args.quantize, compile=args.compile)  # --quantize: prepacked (CPU) / as loaded / int8
     generation_config = processor.generation_config
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from r4b_core.models import anyres
 from r4b_core.config import R4BConfig, check_pinpoints
-from r4b_core.json_io import MANUAL, read_fields, read_json
+from r4b_core.json_io import MANUAL, is_int, is_number, read_fields, read_json
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # transformers' class defaults, used for absent keys
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -78,7 +78,7 @@ class ImageProcessorConfig:
         if not isinstance(size, dict) or set(size) not in ({"height", "width"}, {"shortest_edge"}):
             raise ValueError(f"key 'size' = {size!r} should be {{'height': S, 'width': S}} or {{'shortest_edge': S}}.")
         values = list(size.values())
-        if any(not _is_int(v) or v <= 0 for v in values) or len(set(values)) != 1:
+        if any(not is_int(v) or v <= 0 for v in values) or len(set(values)) != 1:
             raise ValueError(f"key 'size' = {size!r}: tiles are square; height and width must be one positive int.")
         if self.do_center_crop:
             raise ValueError("key 'do_center_crop' = true is not supported by LLaVA-OneVision preprocessing.")
@@ -86,14 +86,14 @@ class ImageProcessorConfig:
             raise ValueError(f"key 'crop_size' = {self.crop_size!r} would change the tile size; it must match 'size'.")
         for key in ("image_mean", "image_std"):
             v = getattr(self, key)
-            ok = _is_number(v) or (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v))
+            ok = is_number(v) or (isinstance(v, (list, tuple)) and len(v) == 3 and all(is_number(x) for x in v))
             if not ok:
                 raise ValueError(f"key '{key}' = {v!r} should be a number or a list of 3 numbers.")
         if any(x == 0 for x in self.channel_std):
             raise ValueError(f"key 'image_std' = {self.image_std!r} has a zero.")
-        if not _is_number(self.rescale_factor) or self.rescale_factor <= 0:
+        if not is_number(self.rescale_factor) or self.rescale_factor <= 0:
             raise ValueError(f"key 'rescale_factor' = {self.rescale_factor!r} should be a positive number.")
-        if not _is_int(self.resample) or not 0 <= self.resample <= 5:
+        if not is_int(self.resample) or not 0 <= self.resample <= 5:
             raise ValueError(f"key 'resample' = {self.resample!r} should be a PIL resampling filter id (0..5).")
         for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
             if not isinstance(getattr(self, key), bool):
@@ -106,11 +106,11 @@ class ImageProcessorConfig:
 
     @property
     def channel_mean(self) -> list[float]:
-        return [float(self.image_mean)] * 3 if _is_number(self.image_mean) else [float(x) for x in self.image_mean]
+        return [float(self.image_mean)] * 3 if is_number(self.image_mean) else [float(x) for x in self.image_mean]
 
     @property
     def channel_std(self) -> list[float]:
-        return [float(self.image_std)] * 3 if _is_number(self.image_std) else [float(x) for x in self.image_std]
+        return [float(self.image_std)] * 3 if is_number(self.image_std) else [float(x) for x in self.image_std]
 
     @property
     def background_color(self) -> tuple[int, int, int]:
@@ -150,12 +150,6 @@ class ImageProcessorConfig:
         return out
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # ---------------------------------------------------------------------------------------------

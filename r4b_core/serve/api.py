@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from r4b_core.generation_config import GenerationConfig, SamplingParams
+from r4b_core.generation_config import GenerationConfig
 from r4b_core.processing.processor import THINK_END, THINK_START
 from r4b_core.serve import schema
 from r4b_core.serve.engine import Engine, EngineEvent, EngineRequest, EngineStoppedError, QueueFullError
@@ -176,12 +176,9 @@ def create_app(engine: Engine, processor, config: ServerConfig, manage_engine: b
                                         f"the server's context of {engine.max_seq_len} tokens (--max-seq-len); at "
                                         f"most {room} new tokens fit after this prompt.",
                           code="context_length_exceeded")
-        defaults = (config.generation_config or processor.generation_config).sampling()
         try:
-            sampling = SamplingParams(
-                temperature=defaults.temperature if chat.temperature is None else chat.temperature,
-                top_k=defaults.top_k if chat.top_k is None else chat.top_k,
-                top_p=defaults.top_p if chat.top_p is None else chat.top_p, seed=chat.seed)
+            sampling = (config.generation_config or processor.generation_config).sampling(
+                chat.seed, temperature=chat.temperature, top_k=chat.top_k, top_p=chat.top_p)
         except ValueError as e:
             raise invalid("temperature", str(e)) from None
         prompt = input_ids[0].tolist()

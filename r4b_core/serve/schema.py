@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from r4b_core.json_io import is_int
+
 ROLES = ("system", "developer", "user", "assistant")
 THINKING_MODES = ("auto", "long", "short")
 
@@ -75,17 +77,13 @@ class ChatRequest:
 # typed field readers
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _int(body: Mapping, key: str, minimum: int | None = None) -> int | None:
     v = body.get(key)
     if v is None:
         return None
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if not _is_int(v):
+    if not is_int(v):
         raise invalid(key, f"expected an integer, got {type(v).__name__} {v!r}.")
     if minimum is not None and v < minimum:
         raise invalid(key, f"must be at least {minimum}, got {v}.")
