@@ -95,3 +95,14 @@ def test_only_the_answer_section_is_scored():
     assert split.thought and score == Score(True, "C", True)
     _, unfinished = score_text("<think>It is B", "B", "choice", OPTIONS)
     assert unfinished == Score(False, None, False)
+
+
+@pytest.mark.parametrize("text, mode, expected", [
+    ("Let me look.\n</think>\n\nB", "long", ("Let me look.", "B", True)),
+    ("still thinking", "long", ("still thinking", "", True)),
+    ("B", "short", ("", "B", False)),
+    ("<think>stray</think>B", "short", ("", "B", False)),      # short: never thought, by construction
+    ("<think>\nhmm\n</think>\n\nB", "auto", ("hmm", "B", True)),
+])
+def test_split_answer_by_thinking_mode(text, mode, expected):
+    assert tuple(split_answer(text, thinking_mode=mode)) == expected

@@ -2,9 +2,10 @@
 
 Public API (imported by r4b_core/eval and r4b_core/training's rewards)::
 
-    split_answer(text, *, started_in_thinking=False) -> AnswerSplit(thinking, answer, thought)
+    split_answer(text, *, started_in_thinking=False, thinking_mode=None) -> AnswerSplit(thinking, answer, thought)
     score_answer(answer, gold, answer_type, options=None) -> Score(correct, extracted, parseable)
-    score_text(text, gold, answer_type, options=None, *, started_in_thinking=False) -> (AnswerSplit, Score)
+    score_text(text, gold, answer_type, options=None, *, started_in_thinking=False, thinking_mode=None)
+        -> (AnswerSplit, Score)
 """
 
 from r4b_core.scoring.score import (ANSWER_TYPES, AnswerSplit, Score, normalize_text, score_answer, score_text,

@@ -36,17 +36,24 @@ class Score:
     parseable: bool  # False: no choice or value could be found in the answer
 
 
-def split_answer(text: str, *, started_in_thinking: bool = False) -> AnswerSplit:
+def split_answer(text: str, *, started_in_thinking: bool = False, thinking_mode: str | None = None) -> AnswerSplit:
     """Thinking and answer sections of a generated text (the text the model produced, not the prompt).
 
     ``started_in_thinking``: the prompt ended inside ``<think>`` (``long`` mode), so text without any
-    ``</think>`` is all unfinished thinking and the answer is empty. The tags follow
+    ``</think>`` is all unfinished thinking and the answer is empty. ``thinking_mode`` (the mode the
+    prompt was built with) sets it: ``long`` opens the thinking; ``short`` closed it with an empty thought,
+    so the answer never counts as thought (any stray ``<think>..</think>`` the model writes is dropped
+    from the answer, not counted as thinking); ``auto`` / None: the tags decide. The tags follow
     generation/chat.py's ``split_thinking``.
     """
+    if thinking_mode == "long":
+        started_in_thinking = True
     if started_in_thinking and "</think>" not in text and "<think>" not in text:
         thinking = text.strip()
         return AnswerSplit(thinking, "", bool(thinking))
     thinking, answer = split_thinking(text)
+    if thinking_mode == "short":
+        return AnswerSplit("", answer.strip(), False)
     thinking = (thinking or "").strip()
     return AnswerSplit(thinking, answer.strip(), bool(thinking))
 
@@ -82,7 +89,7 @@ def score_answer(answer: str, gold: str, answer_type: str, options: dict[str, st
 
 
 def score_text(text: str, gold: str, answer_type: str, options: dict[str, str] | None = None, *,
-               started_in_thinking: bool = False) -> tuple[AnswerSplit, Score]:
-    """Split a whole generated text and score its answer section."""
-    split = split_answer(text, started_in_thinking=started_in_thinking)
+               started_in_thinking: bool = False, thinking_mode: str | None = None) -> tuple[AnswerSplit, Score]:
+    """Split a whole generated text (``split_answer``) and score its answer section."""
+    split = split_answer(text, started_in_thinking=started_in_thinking, thinking_mode=thinking_mode)
     return split, score_answer(split.answer, gold, answer_type, options)
