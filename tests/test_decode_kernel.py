@@ -191,7 +191,7 @@ def test_module_imports_without_triton():
         import sys
         sys.modules["triton"] = None  # `import triton` now raises ImportError
         import torch
-        from r4b_kernels import decode_attention as da
+        from r4b_kernels import decode_attention as da, paged_decode_attention as pda
         assert not da.is_available("cuda") and "Triton is not importable" in da.unavailable_reason("cuda")
         q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 8, 16)
         try:
@@ -254,7 +254,8 @@ def test_errors():
 
 
 def test_kernels_compile_for_nvidia_gpus(tmp_path):
-    """The compiled (non-interpreted) path, built for sm_80 and sm_90 without a GPU (Triton's bundled ptxas):
+    """The compiled (non-interpreted) paths, contiguous and paged, built for sm_80 and sm_90 without a GPU
+    (Triton's bundled ptxas):
     front-end errors the interpreter tolerates, tensor-core dots on bf16, and shared memory within 99 KiB
     (what consumer GPUs have) at the default launch options. Runs in a clean process: with
     TRITON_INTERPRET=1 at import, Triton's own library is interpreter-only and cannot be compiled."""
@@ -265,7 +266,7 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path):
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from r4b_kernels import decode_attention as da
+        from r4b_kernels import decode_attention as da, paged_decode_attention as pda
 
         def build(fn, types, constexprs, arch, aligned):
             names = list(inspect.signature(fn).parameters)
@@ -285,6 +286,18 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path):
             shared, ptx = build(da._split_kernel, types, const, arch, list(types)[:7] + strides)
             assert shared <= 99 * 1024, (dt, shared)
             assert ("mma.sync" in ptx) == (dt == "bf16"), dt  # tensor cores for bf16, exact FMA for fp32
+            # the paged kernel (16-token blocks): the same tiles, so the same shared memory, dots and
+            # 16-byte cp.async copies of K/V rows despite the per-token block lookup
+            paged_types = dict(types, BLOCK_TABLE="*i32")
+            paged_const = dict(const, stride_tm=1, PAGE=16)
+            paged_strides = ["stride_qb", "stride_qh", "stride_kblk", "stride_kslot", "stride_kh", "stride_vblk",
+                             "stride_vslot", "stride_vh", "stride_ob", "stride_oh"]
+            paged_shared, paged_ptx = build(pda._paged_split_kernel, paged_types, paged_const, arch,
+                                            [n for n in paged_types if n != "qk_scale"] + paged_strides)
+            assert paged_shared == shared, (dt, paged_shared, shared)
+            assert ("mma.sync" in paged_ptx) == (dt == "bf16"), dt
+            copies = "cp.async.cg.shared.global"
+            assert paged_ptx.count(copies) == ptx.count(copies) > 0, (dt, paged_ptx.count(copies), ptx.count(copies))
         types = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": "*bf16"}
         build(da._merge_kernel, types, dict(stride_od=1, D=128, BLOCK_D=128, BLOCK_S=64, CHUNK=16), 90, [])
         print("ok")
