@@ -24,7 +24,15 @@ schedule, the position in the example stream, RNG states; ``r4b_core.training.st
 ``--keep-states``. ``--resume`` continues from the newest complete state in ``--out`` with the same
 batches in the same order, so the losses continue exactly as an uninterrupted run's; the run's
 configuration must be the one the state was saved with. ``--log-file`` then keeps the lines up to the
-resumed step and appends to them. A fresh run refuses an ``--out`` that already holds training states.
+resumed step and appends to them. Every file of a state is checked against its recorded SHA-256 first: a
+damaged state is named and the run falls back to the newest intact one (saying so), or refuses when none
+is intact.
+
+Output safety. Before anything loads, a fresh run refuses an ``--out`` that is a file or holds anything
+(an earlier run's checkpoint or training states, files r4b did not write): ``--resume`` continues that
+run, ``--force`` starts over there (r4b's earlier checkpoint and training states are replaced; files it did
+not write are kept, and one that would be read with the new checkpoint, such as a foreign weight file, is
+refused).
 """
 
 from __future__ import annotations
@@ -53,8 +61,9 @@ from r4b_core.training.model_setup import (
     param_groups,
 )
 from r4b_core.training.data import build_training_example, collate
+from r4b_core.training.run_dir import check_export, check_run_dir
 from r4b_core.training.state import (
-    latest_state,
+    discard_states,
     load_training_state,
     read_manifest,
     remove_partial_states,
@@ -99,7 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="save the training state to --out every N steps and after the last (0: never)")
     p.add_argument("--keep-states", type=int, default=2, metavar="K", help="newest training states kept")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete state in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact state in --out")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an --out that holds an earlier run's output (its checkpoint and training "
+                        "states are replaced; files r4b did not write are kept)")
     p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
     return p.parse_args(argv)
 
@@ -196,22 +208,16 @@ def run_config(args) -> dict:
     return {name: getattr(args, name) for name in RESUME_MUST_MATCH}
 
 
-def check_out_dir(args) -> Path | None:
-    """Before anything loads: the state ``--resume`` continues from (None for a fresh run); a fresh run
-    that saves states must not mix them with another run's in ``--out``."""
-    out = Path(args.out)
+def check_out_dir(args, say=print) -> Path | None:
+    """Before anything loads: the state ``--resume`` continues from (None for a fresh run); see
+    ``r4b_core.training.run_dir`` for what a fresh run accepts in ``--out``."""
     if args.save_every < 0 or args.keep_states < 1:
         raise SystemExit(f"--save-every must be >= 0 and --keep-states >= 1; got {args.save_every} and "
                          f"{args.keep_states}.")
-    latest = latest_state(out)
-    if args.resume and latest is None:
-        raise SystemExit(f"--resume: no complete training state in {out} (a run writes them with --save-every N).")
-    if not args.resume and args.save_every and latest is not None:
-        raise SystemExit(f"--out {out} already holds training states (newest: {latest.name}); pass --resume to "
-                         "continue that run, or choose another --out.")
-    if not args.resume:
+    latest = check_run_dir(args.out, resume=args.resume, force=args.force, say=say)
+    if latest is None:
         return None
-    saved = read_manifest(latest).get("extra", {}).get("config", {})
+    saved = read_manifest(latest).get("extra", {}).get("config", {})  # (its checksums were verified just now)
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in run_config(args).items()
               if saved.get(k) != v]
     if differ:
@@ -275,9 +281,12 @@ def train(args) -> list[float]:
     rank, world, device, mesh = setup_distributed(args)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world}).")
-    resume_from = check_out_dir(args)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    resume_from = check_out_dir(args, say)
     torch.manual_seed(args.seed)
     source = source_checkpoint(args, rank)
+    if not args.no_save:
+        check_export(args.out, source)
     processor = R4BProcessor.from_pretrained(source)
     model = prepare_model(args, source, device, mesh)
     trainable, total = count_parameters(model)
@@ -287,13 +296,15 @@ def train(args) -> list[float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps, warmup))
     autocast = device.type == "cuda" and mesh is None  # FSDP on GPUs does bf16 through its policy instead
     precision = "bf16 autocast" if autocast else "bf16 (FSDP policy)" if device.type == "cuda" else "fp32"
-    say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{source}: {total / 1e6:.1f} M parameters, {trainable / 1e6:.2f} M trainable; {world} process(es) on "
         f"{device.type}, {precision}; global batch "
         f"{args.batch_size} x {args.grad_accum} accumulation; lr {lr:g}")
     start, next_example = 0, 0
     if resume_from is not None:
         start, next_example = resume(args, resume_from, model, optimizer, scheduler, rank, say)
+    elif args.force and rank == 0:
+        for old in discard_states(args.out):
+            say(f"removed {old.name} of the earlier run in {args.out} (--force)")
     log = open_log(args, start, rank)
 
     losses = []
@@ -397,7 +408,8 @@ def export(model, args, source: str, rank: int, say) -> None:
     if args.lora:  # in a subfolder: a stray *.safetensors beside the export's weights would be read as a shard
         save_lora(model, out / "lora" / "adapter.safetensors")
         merge_lora(model)
-    save_hf_checkpoint(model, out, source_dir=source_dir, force=True)  # --out also holds the training states
+    # force: --out also holds this run's training states (check_out_dir let only this run's output in)
+    save_hf_checkpoint(model, out, source_dir=source_dir, force=True)
     say(f"saved the fine-tuned checkpoint to {out}")
 
 

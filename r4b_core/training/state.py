@@ -3,7 +3,8 @@
     path = save_training_state(out_dir, model, optimizer, step=100, scheduler=scheduler,
                                data_position={"next_example": 800}, extra={"run": "shapes"}, keep=2)
     path = latest_state(out_dir)                    # newest COMPLETE state, or None
-    state = load_training_state(path, model, optimizer, scheduler=scheduler)
+    state = load_training_state(path, model, optimizer, scheduler=scheduler)     # checksums verified first
+    state = load_training_state(out_dir, model, optimizer, scheduler=scheduler)  # newest INTACT state
     state.step, state.data_position, state.extra    # where the loop continues
 
 A state is a directory ``out_dir/state-00000100`` holding
@@ -17,10 +18,20 @@ A state is a directory ``out_dir/state-00000100`` holding
                               counters) as JSON; tensors are referenced by their key in the files above
     rng-rank00000.json        RNG states of each rank: torch CPU (and CUDA when initialised), Python
                               ``random``, numpy's global generator
-    manifest.json             written LAST: step, data position, extra metadata, every file and its size
+    manifest.json             written LAST (to a temporary name, then renamed): step, data position, extra
+                              metadata, every file with its size and SHA-256
 
 Writes are atomic: everything goes into ``out_dir/.r4b-partial-state-00000100``, each file is fsynced,
-the manifest last, the directory is renamed into place and ``out_dir`` fsynced. A crash at any point
+the manifest last, the directory is renamed into place and ``out_dir`` fsynced. Files get the usual
+permissions (the umask's), as every file r4b writes.
+
+Integrity: ``load_training_state`` checks every file against its recorded SHA-256 before using any of
+it and refuses a damaged state, naming the file and the newest intact state beside it. Given the run's
+directory instead of one state it loads the newest intact state, warning once per newer damaged one it
+skips (``TrainingState.skipped`` lists them). ``newest_intact_state(out_dir)`` makes that choice alone
+(scripts/train.py ``--resume`` prints it). ``latest_state`` / ``list_states`` only check sizes (cheap).
+The directory protocol (names, marker, manifest, finding / verifying / removing states) is in
+``state_dir.py``; this file writes and reads the tensors and JSON through it. A crash at any point
 leaves the earlier states intact and at most a partial directory, which ``latest_state`` ignores and the
 next save removes (``remove_partial_states``; only directories carrying r4b's marker, or empty ones, are
 ever deleted). After a save only the newest ``keep`` complete states are kept.
@@ -45,7 +56,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -70,20 +80,33 @@ from r4b_core.training.state_io import (
     tensor_keys,
     write_json,
 )
+from r4b_core.training.state_dir import (
+    MANIFEST,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    OWNER_MARK,
+    PARTIAL_PREFIX,
+    SHARDED_DIR,
+    STATE_FORMAT,
+    STATE_PREFIX,
+    TREE_FILE,
+    discard_state,
+    is_ours,
+    sha256_of,
+    discard_states,
+    latest_state,
+    list_states,
+    newest_intact_state,
+    read_manifest,
+    remove_partial_states,
+    verify_state,
+)
+from r4b_weights.output_dir import give_usual_mode
 
-STATE_FORMAT = "r4b-training-state-1"
-STATE_PREFIX = "state-"
-PARTIAL_PREFIX = ".r4b-partial-"
-OWNER_MARK = ".r4b-training-state"
-MANIFEST = "manifest.json"
-TREE_FILE = "state.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-SHARDED_DIR = "sharded"
 WEIGHT_CHOICES = ("trainable", "all")
 
-__all__ = ["TrainingState", "TrainingStateError", "latest_state", "list_states", "load_training_state",
-           "read_manifest", "remove_partial_states", "save_training_state"]
+__all__ = ["TrainingState", "TrainingStateError", "discard_states", "latest_state", "list_states", "load_training_state",
+           "newest_intact_state", "read_manifest", "remove_partial_states", "save_training_state", "verify_state"]
 
 
 @dataclass
@@ -96,6 +119,7 @@ class TrainingState:
     extra: dict = field(default_factory=dict)
     sharded: bool = False
     world_size: int = 1
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer damaged states passed over (path, why)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,92 +135,6 @@ def _rank_world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
-# finding states
-
-
-def _is_ours(directory: Path) -> bool:
-    marker = directory / OWNER_MARK
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("format") == STATE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a COMPLETE state directory, checked: our format, every listed file present with its
-    size. Raises ``FileNotFoundError`` (no manifest) or ``TrainingStateError`` (anything else wrong)."""
-    path = Path(path)
-    manifest = read_json(path / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != STATE_FORMAT:
-        raise TrainingStateError(f"{path / MANIFEST}: not an r4b training-state manifest "
-                                 f"(format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                                 f"expected {STATE_FORMAT!r}).")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
-        raise TrainingStateError(f"{path / MANIFEST}: missing 'files' or 'step'; the state is corrupt.")
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            raise TrainingStateError(f"{path}: {name} is listed in the manifest but missing; the state is incomplete.")
-        if f.stat().st_size != size:
-            raise TrainingStateError(f"{path}: {name} has {f.stat().st_size} bytes, the manifest says {size}; "
-                                     "the state is corrupt.")
-    return manifest
-
-
-def list_states(out_dir: str | Path) -> list[Path]:
-    """The complete states in ``out_dir``, oldest first (partial or corrupt directories are skipped)."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    found = []
-    for d in out_dir.iterdir():
-        if not (d.name.startswith(STATE_PREFIX) and d.is_dir()):
-            continue
-        try:
-            found.append((read_manifest(d)["step"], d.name, d))
-        except (OSError, ValueError):
-            continue
-    return [d for _, _, d in sorted(found)]
-
-
-def latest_state(out_dir: str | Path) -> Path | None:
-    """The newest complete state in ``out_dir`` (highest step), or None when there is none."""
-    states = list_states(out_dir)
-    return states[-1] if states else None
-
-
-def remove_partial_states(out_dir: str | Path) -> list[Path]:
-    """Delete the partial directories an interrupted save or prune left in ``out_dir``: only those whose
-    name starts with ``.r4b-partial-`` AND that carry r4b's marker or are empty. Returns what was removed."""
-    out_dir = Path(out_dir)
-    removed = []
-    if not out_dir.is_dir():
-        return removed
-    for d in sorted(out_dir.iterdir()):
-        if not (d.name.startswith(PARTIAL_PREFIX) and d.is_dir() and not d.is_symlink()):
-            continue
-        if _is_ours(d):
-            shutil.rmtree(d)
-        elif not any(d.iterdir()):
-            d.rmdir()
-        else:
-            continue
-        removed.append(d)
-    return removed
-
-
-def _discard(state_dir: Path) -> None:
-    """Remove a complete state: rename it to a partial name first, so a crash mid-delete never leaves a
-    directory that looks like a state."""
-    trash = state_dir.with_name(f"{PARTIAL_PREFIX}deleting-{state_dir.name}")
-    if trash.exists():
-        shutil.rmtree(trash)
-    os.replace(state_dir, trash)
-    shutil.rmtree(trash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,26 +159,18 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(for_safetensors(tensors), str(path), metadata={"format": STATE_FORMAT})
+    give_usual_mode(path)  # safetensors creates its files 0600
     fsync_file(path)
 
 
-def _files_with_sizes(directory: Path) -> dict[str, int]:
-    return {str(f.relative_to(directory).as_posix()): f.stat().st_size
-            for f in sorted(directory.rglob("*")) if f.is_file() and f.name not in (MANIFEST, OWNER_MARK)}
+def _file_records(directory: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """({file: size}, {file: sha256}) of every file in a finished partial state but the manifest and marker."""
+    files = [f for f in sorted(directory.rglob("*")) if f.is_file() and f.name not in (MANIFEST, OWNER_MARK)]
+    names = [f.relative_to(directory).as_posix() for f in files]
+    return ({n: f.stat().st_size for n, f in zip(names, files)}, {n: sha256_of(f) for n, f in zip(names, files)})
 
 
-def save_training_state(
-    out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
-    scheduler: Any = None, data_position: Any = None, extra: dict | None = None, keep: int = 2,
-    weights: str = "trainable", on_file_written: Callable[[Path], None] | None = None,
-) -> Path:
-    """Save the full training state as ``out_dir/state-{step:08d}`` atomically (module docstring); keep
-    the newest ``keep`` complete states. ``data_position`` and ``extra`` must be JSON data (the loop's
-    cursor into its data, its configuration). ``on_file_written(path)`` is called after each file (on
-    every rank, for its own files): for progress reports and crash tests. Returns the state's path.
-    Collective under torch.distributed: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+def _check_save_arguments(step: Any, keep: Any, data_position: Any, extra: dict | None) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"save_training_state: step must be an int >= 0; got {step!r}.")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -249,9 +179,13 @@ def save_training_state(
         json.dumps({"data_position": data_position, "extra": extra or {}}, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"save_training_state: data_position and extra must be JSON data ({e}).") from None
-    out_dir = Path(out_dir)
-    rank, world = _rank_world()
-    sharded = _is_sharded(model)
+
+
+def _encode_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, weights: str
+                  ) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the JSON tree, the model's tensors, the optimizer's and scheduler's tensors) of the current state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     had_state = bool(optimizer.state)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(weights))
     if not had_state:  # get_state_dict filled it by a zero-lr step; a fresh optimizer must stay fresh
@@ -263,20 +197,24 @@ def save_training_state(
             "optimizer": encode(optim_sd, "optimizer", optim_tensors, seen),
             "scheduler": encode(scheduler.state_dict() if scheduler is not None else None, "scheduler",
                                  optim_tensors, seen)}
-    final = out_dir / f"{STATE_PREFIX}{step:08d}"
-    partial = out_dir / f"{PARTIAL_PREFIX}{final.name}"
-    written = on_file_written or (lambda path: None)
+    return tree, model_tensors, optim_tensors
 
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_states(out_dir)  # leftovers of an interrupted save (ours only)
-        for taken in (partial, final):  # a directory r4b did not write under our names: refuse, never delete
-            if taken.exists() and not _is_ours(taken):
-                raise TrainingStateError(f"{taken} exists and was not written by r4b; move it away, or save to "
-                                         "another directory.")
-        partial.mkdir()
-        write_json(partial / OWNER_MARK, {"format": STATE_FORMAT, "step": step})
-    _barrier()
+
+def _make_partial(out_dir: Path, partial: Path, final: Path, step: int) -> None:
+    """Rank 0: a fresh partial directory carrying r4b's marker (leftovers of an interrupted save removed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_states(out_dir)  # leftovers of an interrupted save (ours only)
+    for taken in (partial, final):  # a directory r4b did not write under our names: refuse, never delete
+        if taken.exists() and not is_ours(taken):
+            raise TrainingStateError(f"{taken} exists and was not written by r4b; move it away, or save to "
+                                     "another directory.")
+    partial.mkdir()
+    write_json(partial / OWNER_MARK, {"format": STATE_FORMAT, "step": step})
+
+
+def _write_parts(partial: Path, tree: dict, model_tensors: dict, optim_tensors: dict, sharded: bool, rank: int,
+                 written: Callable[[Path], None]) -> None:
+    """Every rank: its tensors (dcp shards, or rank 0's two safetensors files), the JSON tree, its RNG states."""
     if sharded:
         import torch.distributed.checkpoint as dcp
 
@@ -292,22 +230,53 @@ def save_training_state(
         written(partial / TREE_FILE)
     write_json(partial / f"rng-rank{rank:05d}.json", rng_state())
     written(partial / f"rng-rank{rank:05d}.json")
+
+
+def _commit(out_dir: Path, partial: Path, final: Path, manifest: dict, keep: int) -> None:
+    """Rank 0: the manifest (sizes and checksums) written last and atomically, the directory renamed into
+    place, the states beyond the newest ``keep`` discarded."""
+    if manifest["sharded"]:
+        fsync_dir(partial / SHARDED_DIR)  # dcp fsyncs its shard files; their directory entries too
+    manifest["files"], manifest["sha256"] = _file_records(partial)
+    write_json(partial / f".{MANIFEST}.tmp", manifest)
+    os.replace(partial / f".{MANIFEST}.tmp", partial / MANIFEST)
+    fsync_dir(partial)
+    if final.exists():  # the same step saved again (a resumed run): replace it
+        discard_state(final)
+    os.replace(partial, final)
+    fsync_dir(out_dir)
+    for old in list_states(out_dir)[:-keep]:
+        discard_state(old)
+    fsync_dir(out_dir)
+
+
+def save_training_state(
+    out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int,
+    scheduler: Any = None, data_position: Any = None, extra: dict | None = None, keep: int = 2,
+    weights: str = "trainable", on_file_written: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save the full training state as ``out_dir/state-{step:08d}`` atomically (module docstring); keep
+    the newest ``keep`` complete states. ``data_position`` and ``extra`` must be JSON data (the loop's
+    cursor into its data, its configuration). ``on_file_written(path)`` is called after each file (on
+    every rank, for its own files): for progress reports and crash tests. Returns the state's path.
+    Collective under torch.distributed: every rank calls it."""
+    _check_save_arguments(step, keep, data_position, extra)
+    out_dir = Path(out_dir)
+    rank, world = _rank_world()
+    sharded = _is_sharded(model)
+    tree, model_tensors, optim_tensors = _encode_state(model, optimizer, scheduler, weights)
+    final = out_dir / f"{STATE_PREFIX}{step:08d}"
+    partial = out_dir / f"{PARTIAL_PREFIX}{final.name}"
+    if rank == 0:
+        _make_partial(out_dir, partial, final, step)
+    _barrier()
+    _write_parts(partial, tree, model_tensors, optim_tensors, sharded, rank, on_file_written or (lambda path: None))
     _barrier()
     if rank == 0:
-        if sharded:
-            fsync_dir(partial / SHARDED_DIR)  # dcp fsyncs its shard files; their directory entries too
-        manifest = {"format": STATE_FORMAT, "step": step, "data_position": data_position, "extra": extra or {},
-                    "sharded": sharded, "world_size": world, "weights": weights, "torch": torch.__version__,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": _files_with_sizes(partial)}
-        write_json(partial / MANIFEST, manifest)
-        fsync_dir(partial)
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            _discard(final)
-        os.replace(partial, final)
-        fsync_dir(out_dir)
-        for old in list_states(out_dir)[:-keep]:
-            _discard(old)
-        fsync_dir(out_dir)
+        _commit(out_dir, partial, final, keep=keep, manifest={
+            "format": STATE_FORMAT, "step": step, "data_position": data_position, "extra": extra or {},
+            "sharded": sharded, "world_size": world, "weights": weights, "torch": torch.__version__,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     _barrier()
     return final
 
@@ -343,13 +312,47 @@ def load_training_state(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
     restore_rng: bool = True,
 ) -> TrainingState:
-    """Load a complete state (``latest_state(out_dir)``) into ``model`` / ``optimizer`` / ``scheduler``
-    (built as the saving run built them) and, with ``restore_rng``, this rank's RNG states. Returns the
-    step, data position and extra metadata. Collective under torch.distributed."""
+    """Load a state into ``model`` / ``optimizer`` / ``scheduler`` (built as the saving run built them) and,
+    with ``restore_rng``, this rank's RNG states. Returns the step, data position and extra metadata.
+    Collective under torch.distributed.
+
+    ``path`` is one state directory (``state-XXXXXXXX``) or the run's directory holding them. Every file is
+    checked against its recorded checksum before anything is loaded: a damaged state given by name is refused
+    (``TrainingStateError`` naming the file, and the newest intact state beside it); from a run's directory
+    the newest intact state is loaded, with one warning per newer damaged state passed over."""
+    path, manifest, skipped = _choose_state(Path(path))
+    state = _load_verified(path, manifest, model, optimizer, scheduler, restore_rng)
+    state.skipped = skipped
+    return state
+
+
+def _choose_state(path: Path) -> tuple[Path, dict, list[tuple[Path, str]]]:
+    """(the state to load, its verified manifest, the damaged newer states passed over) for ``path``."""
+    if not (path / MANIFEST).exists() and not path.name.startswith(STATE_PREFIX) and path.is_dir():
+        chosen, damaged = newest_intact_state(path)
+        if chosen is None:
+            reasons = "; ".join(why for _, why in damaged)
+            raise TrainingStateError(f"{path}: no intact training state to load" +
+                                     (f" ({len(damaged)} damaged: {reasons})." if damaged else
+                                      " (none saved there; a run writes them with save_training_state)."))
+        for bad, why in damaged:
+            warnings.warn(f"training state {bad.name} is damaged ({why.removeprefix(str(bad) + ': ')}); falling "
+                          f"back to {chosen.name}.", stacklevel=3)
+        return chosen, verify_state(chosen), damaged
+    try:
+        return path, verify_state(path), []
+    except (OSError, ValueError) as e:
+        older, _ = newest_intact_state(path.parent)
+        hint = (f" The newest intact state in {path.parent} is {older.name}; load that one (or pass the run's "
+                "directory to load the newest intact state)." if older is not None and older != path else
+                f" No other intact state is in {path.parent}.")
+        raise type(e)(f"{e}{hint}") from None
+
+
+def _load_verified(path: Path, manifest: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: Any, restore_rng: bool) -> TrainingState:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    path = Path(path)
-    manifest = read_manifest(path)
     tree = read_json(path / TREE_FILE)
     if not isinstance(tree, dict) or not {"model", "optimizer", "scheduler"} <= tree.keys():
         raise TrainingStateError(f"{path / TREE_FILE}: expected the keys model, optimizer, scheduler.")

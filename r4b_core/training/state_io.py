@@ -1,4 +1,5 @@
-"""How the pieces of a training state become files (``training_state.py`` owns the directory protocol).
+"""How the pieces of a training state become files (``state.py`` saves and loads; ``state_dir.py`` owns the
+directory protocol).
 
 - Nested state (an optimizer's or scheduler's ``state_dict``, a model's) splits into JSON data plus a flat
   ``{key: tensor}`` dict for safetensors or torch.distributed.checkpoint: ``encode`` / ``decode``.
