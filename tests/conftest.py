@@ -1,5 +1,5 @@
-"""Shared test fixtures and helpers: the session's tiny synthetic checkpoint, model and transformers
-reference (read-only, shared by every file); random-weight transformers Qwen3 checkpoints written with
+"""Shared test fixtures and helpers: the session's tiny synthetic checkpoint, its processor, model and
+transformers reference (read-only, shared by every file); random-weight transformers Qwen3 checkpoints written with
 save_pretrained; the test picture; scripts/ on the import path (for `shapes_data`).
 
 transformers is imported only inside the helpers and fixtures that need it, so the tests that do not
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from r4b_core.models.r4b import R4BForConditionalGeneration
+from r4b_core.processing.processor import R4BProcessor
 from r4b_core.reference.synthetic import make_synthetic_checkpoint, synthetic_picture
 
 if TYPE_CHECKING:
@@ -185,6 +186,21 @@ def tiny_model(tiny_checkpoint: Path) -> R4BForConditionalGeneration:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     yield model
     _check_shared_model_untouched(model, state, "tiny_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_checkpoint: Path) -> R4BProcessor:
+    """``R4BProcessor.from_pretrained(tiny_checkpoint)``, shared by the session: read-only (a test that sets
+    an attribute such as ``max_image_pixels`` loads its own; the session fails at teardown if it changed)."""
+    processor = R4BProcessor.from_pretrained(tiny_checkpoint)
+    before = dict(vars(processor))
+    yield processor
+    now = vars(processor)  # public settings only: private ones are lazily built caches
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if not k.startswith("_") and (k not in before or k not in now or now[k] is not before[k]))
+    if changed:
+        raise RuntimeError(f"a test changed the session-wide `tiny_processor` fixture (attributes {changed}): load "
+                           "your own with R4BProcessor.from_pretrained(tiny_checkpoint).")
 
 
 @pytest.fixture(scope="session")

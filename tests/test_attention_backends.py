@@ -11,21 +11,15 @@ from r4b_core.generation.generate import generate
 from r4b_core.models.kv_cache import KVCache
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    """The session's shared tiny model (conftest.py): read-only here."""
-    return tiny_model
-
-
-def test_triton_backend_greedy_tokens_equal_sdpa(model, monkeypatch):
+def test_triton_backend_greedy_tokens_equal_sdpa(tiny_model, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # ragged lengths in the cache
-    sdpa = generate(model, ids, attention_mask=mask, max_new_tokens=12, attention_backend="sdpa")
-    cache = KVCache.for_model(model.config.text_config, 2, 9 + 12, attention_backend="triton")
+    sdpa = generate(tiny_model, ids, attention_mask=mask, max_new_tokens=12, attention_backend="sdpa")
+    cache = KVCache.for_model(tiny_model.config.text_config, 2, 9 + 12, attention_backend="triton")
     assert cache.decode_backend == "triton"
-    triton = generate(model, ids, attention_mask=mask, max_new_tokens=12, kv_cache=cache)
+    triton = generate(tiny_model, ids, attention_mask=mask, max_new_tokens=12, kv_cache=cache)
     assert triton.tokens == sdpa.tokens
 
 

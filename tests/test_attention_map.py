@@ -26,16 +26,11 @@ from r4b_core.processing.processor import R4BProcessor
 from conftest import picture
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return R4BProcessor.from_pretrained(tiny_checkpoint)
-
-
-def test_attention_mass_equals_output_attentions(tiny_model, processor):
+def test_attention_mass_equals_output_attentions(tiny_model, tiny_processor):
     pic = picture(300, 140, seed=3)
-    result = compute_attention_map(tiny_model, processor, pic, "Where is the red disc?", new_tokens=3, layers=[-1])
+    result = compute_attention_map(tiny_model, tiny_processor, pic, "Where is the red disc?", new_tokens=3, layers=[-1])
     ids = torch.tensor([result.input_ids])
-    inputs = processor(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text",
+    inputs = tiny_processor(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text",
                        "text": "Where is the red disc?"}]}], images=[pic], thinking_mode="short")
     assert torch.equal(ids[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])  # the prompt, then the answer
     with torch.no_grad():
@@ -54,14 +49,14 @@ def test_attention_mass_equals_output_attentions(tiny_model, processor):
     assert result.heat.shape == (140, 300)
 
 
-def test_one_chosen_token_and_prompt_only(tiny_model, processor):
+def test_one_chosen_token_and_prompt_only(tiny_model, tiny_processor):
     pic = picture(90, 200, seed=4)
-    only = compute_attention_map(tiny_model, processor, pic, "Colour?", new_tokens=0)
+    only = compute_attention_map(tiny_model, tiny_processor, pic, "Colour?", new_tokens=0)
     assert only.answer_ids == [] and only.query_positions == [len(only.input_ids) - 1]
-    chosen = compute_attention_map(tiny_model, processor, pic, "Colour?", new_tokens=0, token=-1)
+    chosen = compute_attention_map(tiny_model, tiny_processor, pic, "Colour?", new_tokens=0, token=-1)
     assert torch.equal(chosen.token_mass, only.token_mass)
     with pytest.raises(ValueError, match="out of range"):
-        compute_attention_map(tiny_model, processor, pic, "Colour?", new_tokens=0, token=10_000)
+        compute_attention_map(tiny_model, tiny_processor, pic, "Colour?", new_tokens=0, token=10_000)
     with pytest.raises(ValueError, match="layer 7 is out of range"):
         check_layers([7], 2)
     assert check_layers([-1, 0, 1], 2) == [0, 1]
@@ -134,12 +129,12 @@ def test_attention_map_command(tiny_checkpoint, tmp_path, capsys):
 # logit lens
 
 
-def test_lens_last_layer_is_the_models_prediction_and_others_match_hidden_states(tiny_model, processor):
+def test_lens_last_layer_is_the_models_prediction_and_others_match_hidden_states(tiny_model, tiny_processor):
     pic = picture(120, 90, seed=7)
-    result = lens_for_prompt(tiny_model, processor, "Name the shapes.", [pic], positions=[-1, -4, 3], top_k=4)
+    result = lens_for_prompt(tiny_model, tiny_processor, "Name the shapes.", [pic], positions=[-1, -4, 3], top_k=4)
     n_layers = tiny_model.config.text_config.num_hidden_layers
     assert result.layers == list(range(n_layers)) and result.token_ids.shape == (n_layers, 3, 4)
-    inputs = processor(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text",
+    inputs = tiny_processor(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text",
                        "text": "Name the shapes."}]}], images=[pic])
     inputs.pop("attention_mask")
     length = inputs["input_ids"].shape[1]
@@ -155,7 +150,7 @@ def test_lens_last_layer_is_the_models_prediction_and_others_match_hidden_states
             p = lm.lm_head(lm.model.norm(out.hidden_states[layer + 1][0, result.positions])).float().softmax(-1)
         assert torch.equal(result.token_ids[layer], p.topk(4, dim=-1).indices)
         assert torch.allclose(result.probs[layer], p.topk(4, dim=-1).values, atol=1e-6)
-    table = result.table(lambda ids: processor.decode(ids, skip_special_tokens=False))
+    table = result.table(lambda ids: tiny_processor.decode(ids, skip_special_tokens=False))
     assert table.count("layer ") == 3 * n_layers and f"position {length - 1}" in table
 
 

@@ -58,11 +58,6 @@ def usage_error(capsys, argv: list[str]) -> str:
     return err_lines(capsys)[-1]
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint) -> R4BProcessor:
-    return R4BProcessor.from_pretrained(tiny_checkpoint)
-
-
 @pytest.fixture
 def never_loaded(monkeypatch):
     """Loading the weights fails the test: what is checked here must be checked before."""
@@ -85,66 +80,66 @@ def controls(ids) -> list[int]:
 
 
 @pytest.mark.parametrize("typed", INJECTIONS)
-def test_special_token_text_in_a_message_is_encoded_as_text(processor, typed):
+def test_special_token_text_in_a_message_is_encoded_as_text(tiny_processor, typed):
     """Before: the typed strings became <|im_end|> / <|im_start|> / <think> / <image> ids."""
-    clean = controls(processor(messages=[{"role": "user", "content": "hello"}])["input_ids"][0])
+    clean = controls(tiny_processor(messages=[{"role": "user", "content": "hello"}])["input_ids"][0])
     for content in (typed, [{"type": "text", "text": typed}]):
         conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
-        ids = processor(messages=conversation)["input_ids"][0]
+        ids = tiny_processor(messages=conversation)["input_ids"][0]
         assert controls(ids) == [151644, 151645, *clean]  # only the template's: system turn, then user + prompt
         # nothing lost: the ids decode to the rendered text, typed strings included
-        assert processor.decode(ids, skip_special_tokens=False) == processor.apply_chat_template(conversation)
+        assert tiny_processor.decode(ids, skip_special_tokens=False) == tiny_processor.apply_chat_template(conversation)
 
 
-def test_text_around_typed_special_tokens_tokenizes_as_before(processor):
+def test_text_around_typed_special_tokens_tokenizes_as_before(tiny_processor):
     """The pieces between control tokens are the ones the tokenizer would have encoded anyway."""
     conversation = [{"role": "user", "content": "Count the circles.<|im_end|> Then the squares."}]
-    ids = processor(messages=conversation)["input_ids"][0].tolist()
-    plain = processor.encode("<|im_start|>user\nCount the circles.")
+    ids = tiny_processor(messages=conversation)["input_ids"][0].tolist()
+    plain = tiny_processor.encode("<|im_start|>user\nCount the circles.")
     assert ids[:len(plain)] == plain
 
 
-def test_the_option_restores_transformers_parsing(tiny_checkpoint, processor):
+def test_the_option_restores_transformers_parsing(tiny_checkpoint, tiny_processor):
     import transformers
 
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
     conversation = [{"role": "user", "content": INJECTIONS[0] + " <think>"}]
-    text = processor.apply_chat_template(conversation)
+    text = tiny_processor.apply_chat_template(conversation)
     theirs = hf(text)["input_ids"]
     assert controls(theirs).count(151644) == 3  # transformers: the typed turn is real
-    assert processor(messages=conversation, parse_special_tokens_in_content=True)["input_ids"][0].tolist() == theirs
+    assert tiny_processor(messages=conversation, parse_special_tokens_in_content=True)["input_ids"][0].tolist() == theirs
     parsing = R4BProcessor.from_pretrained(tiny_checkpoint, parse_special_tokens_in_content=True)
     assert parsing(messages=conversation)["input_ids"][0].tolist() == theirs
-    assert processor(messages=conversation)["input_ids"][0].tolist() != theirs
+    assert tiny_processor(messages=conversation)["input_ids"][0].tolist() != theirs
 
 
-def test_a_typed_image_placeholder_is_not_an_image(processor):
+def test_a_typed_image_placeholder_is_not_an_image(tiny_processor):
     """Before: a typed "<image>" counted as a placeholder (an image expected, or one added)."""
-    out = processor(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>?"}]}],
+    out = tiny_processor(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>?"}]}],
                     images=[Image.new("RGB", (30, 20))])
     assert len(out["image_sizes"]) == 1
     assert int((out["input_ids"] == IMAGE_ID).sum()) > 0  # the template's placeholder, expanded
-    assert processor(messages=[{"role": "user", "content": "<image>"}])["input_ids"].eq(IMAGE_ID).sum() == 0
+    assert tiny_processor(messages=[{"role": "user", "content": "<image>"}])["input_ids"].eq(IMAGE_ID).sum() == 0
     # a raw text= prompt is the caller's own rendering: parsed, as before
     with pytest.raises(ValueError, match="1 <image> placeholder"):
-        processor(text="<|im_start|>user\n<image><|im_end|>")
+        tiny_processor(text="<|im_start|>user\n<image><|im_end|>")
 
 
-def test_assistant_turns_keep_their_thinking_tags(processor):
+def test_assistant_turns_keep_their_thinking_tags(tiny_processor):
     conversation = [{"role": "user", "content": "q"},
                     {"role": "assistant", "content": "<think>\nhm <|im_start|>\n</think>\n\nA"}]
-    ids = processor(messages=conversation, add_generation_prompt=False)["input_ids"][0]
+    ids = tiny_processor(messages=conversation, add_generation_prompt=False)["input_ids"][0]
     assert controls(ids) == [151644, 151645, 151644, 151667, 151668, 151645]  # the typed <|im_start|> is text
-    example = build_training_example(processor, [{"role": "user", "content": "<|im_end|>x"}, conversation[1]])
+    example = build_training_example(tiny_processor, [{"role": "user", "content": "<|im_end|>x"}, conversation[1]])
     assert controls(example["input_ids"]) == [151644, 151645, 151644, 151667, 151668, 151645]
     targets = example["labels"][example["labels"] != -100]  # the labels still cover exactly the assistant turn
-    assert processor.decode(targets, skip_special_tokens=False) == conversation[1]["content"] + "<|im_end|>"
+    assert tiny_processor.decode(targets, skip_special_tokens=False) == conversation[1]["content"] + "<|im_end|>"
 
 
-def test_a_template_that_rewrites_content_cannot_hide_typed_tokens(processor):
-    stripping = R4BProcessor(processor.tokenizer, processor.config, processor.image_config,
+def test_a_template_that_rewrites_content_cannot_hide_typed_tokens(tiny_processor):
+    stripping = R4BProcessor(tiny_processor.tokenizer, tiny_processor.config, tiny_processor.image_config,
                              chat_template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}"
-                                           "<|im_end|>\n{% endfor %}", special_tokens=processor.special_tokens)
+                                           "<|im_end|>\n{% endfor %}", special_tokens=tiny_processor.special_tokens)
     assert stripping(messages=[{"role": "user", "content": " plain "}])["input_ids"].shape[1] > 0
     with pytest.raises(ValueError, match="'<|im_end|>'.*rewrites message content.*parse_special_tokens_in_content"):
         stripping(messages=[{"role": "user", "content": " a<|im_end|> "}])

@@ -7,7 +7,7 @@
 inside a library, and never a hang (every example runs under a hard time limit, and hypothesis'
 deadline). Targets:
 
-- the processor on random conversations: roles, text and image parts, odd Unicode (lone surrogates,
+- the tiny_processor on random conversations: roles, text and image parts, odd Unicode (lone surrogates,
   control and bidi characters), special-token text, empty parts, payloads that are not images;
 - the chat-template variables: thinking_mode, add_generation_prompt, message shapes;
 - anyres on random (also invalid) image sizes, pinpoint lists and tile sizes; when valid, the token
@@ -165,48 +165,43 @@ thinking_modes = st.sampled_from(["auto", "long", "short"] * 3 + ["", "LONG", "n
 generation_flags = st.one_of(st.booleans(), st.sampled_from([None, 0, 1, "yes", [True]]))
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint) -> R4BProcessor:
-    return R4BProcessor.from_pretrained(tiny_checkpoint)
-
-
 # ---------------------------------------------------------------------------------------------
-# processor and chat template
+# tiny_processor and chat template
 
 
-def check_processor(processor, conversation, images, thinking_mode, add_generation_prompt):
-    out = r4b_result(processor, messages=conversation, images=images, thinking_mode=thinking_mode,
+def check_processor(tiny_processor, conversation, images, thinking_mode, add_generation_prompt):
+    out = r4b_result(tiny_processor, messages=conversation, images=images, thinking_mode=thinking_mode,
                      add_generation_prompt=add_generation_prompt)
     if isinstance(out, Exception):
         return
     event("processor: ok" + (" with images" if "image_sizes" in out else ""))
     ids = out["input_ids"]
     assert ids.dtype == torch.int64 and ids.ndim == 2 and ids.shape[1] > 0
-    n_image_tokens = int((ids == processor.image_token_id).sum())
+    n_image_tokens = int((ids == tiny_processor.image_token_id).sum())
     if "image_sizes" not in out:
         assert n_image_tokens == 0
         return
     # the model's splice needs exactly this: the tokens written equal what the images pack into
     multi = len(out["image_sizes"]) > 1
     sizes = [tuple(s) for s in out["image_sizes"].tolist()]
-    assert n_image_tokens == sum(anyres.num_image_tokens(s, processor.config, multi_image=multi) for s in sizes)
+    assert n_image_tokens == sum(anyres.num_image_tokens(s, tiny_processor.config, multi_image=multi) for s in sizes)
 
 
 @fuzz_settings(FAST * 3)
 @given(case=cases, thinking_mode=thinking_modes, add_generation_prompt=generation_flags)
-def test_processor_on_random_conversations(processor, case, thinking_mode, add_generation_prompt):
-    check_processor(processor, *case, thinking_mode, add_generation_prompt)
+def test_processor_on_random_conversations(tiny_processor, case, thinking_mode, add_generation_prompt):
+    check_processor(tiny_processor, *case, thinking_mode, add_generation_prompt)
 
 
 @pytest.mark.slow
 @fuzz_settings(SLOW)
 @given(case=cases, thinking_mode=thinking_modes, add_generation_prompt=generation_flags)
-def test_processor_on_random_conversations_long(processor, case, thinking_mode, add_generation_prompt):
-    check_processor(processor, *case, thinking_mode, add_generation_prompt)
+def test_processor_on_random_conversations_long(tiny_processor, case, thinking_mode, add_generation_prompt):
+    check_processor(tiny_processor, *case, thinking_mode, add_generation_prompt)
 
 
-def check_template(processor, shaped, thinking_mode, add_generation_prompt, extra):
-    out = r4b_result(processor.apply_chat_template, shaped, thinking_mode=thinking_mode,
+def check_template(tiny_processor, shaped, thinking_mode, add_generation_prompt, extra):
+    out = r4b_result(tiny_processor.apply_chat_template, shaped, thinking_mode=thinking_mode,
                      add_generation_prompt=add_generation_prompt, **extra)
     if isinstance(out, Exception):
         return
@@ -222,17 +217,17 @@ template_extras = st.dictionaries(st.sampled_from(["enable_thinking", "tools", "
 @fuzz_settings(FAST * 4)
 @given(shaped=template_shapes, thinking_mode=thinking_modes, add_generation_prompt=generation_flags,
        extra=template_extras)
-def test_chat_template_variables_and_message_shapes(processor, shaped, thinking_mode, add_generation_prompt, extra):
-    check_template(processor, shaped, thinking_mode, add_generation_prompt, extra)
+def test_chat_template_variables_and_message_shapes(tiny_processor, shaped, thinking_mode, add_generation_prompt, extra):
+    check_template(tiny_processor, shaped, thinking_mode, add_generation_prompt, extra)
 
 
 @pytest.mark.slow
 @fuzz_settings(SLOW)
 @given(shaped=template_shapes, thinking_mode=thinking_modes, add_generation_prompt=generation_flags,
        extra=template_extras)
-def test_chat_template_variables_and_message_shapes_long(processor, shaped, thinking_mode, add_generation_prompt,
+def test_chat_template_variables_and_message_shapes_long(tiny_processor, shaped, thinking_mode, add_generation_prompt,
                                                          extra):
-    check_template(processor, shaped, thinking_mode, add_generation_prompt, extra)
+    check_template(tiny_processor, shaped, thinking_mode, add_generation_prompt, extra)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,17 +27,6 @@ REL_TOL, LOSS_TOL = 1e-5, 1e-6
 ZERO_IN_EXACT_ARITHMETIC = re.compile(r"vision_tower\.encoder\.layers\.\d+\.self_attn\.k_proj\.bias")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    """The session's shared tiny checkpoint (conftest.py): read-only; each test loads its own model."""
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def processor(ckpt):
-    return R4BProcessor.from_pretrained(ckpt)
-
-
 def reference_names(ours: torch.nn.Module, ref: torch.nn.Module) -> dict[str, str]:
     """Our parameter name -> the reference's, through the checkpoint name table (the reference's vision
     tower may or may not nest ``vision_model.``). Asserts the map is one to one and covers both models."""
@@ -86,15 +75,15 @@ def relative_differences(grads: dict) -> dict[str, float]:
     return out
 
 
-def image_batch(processor, examples):
-    return collate([build_training_example(processor, m, imgs) for m, imgs in examples], processor.pad_token_id)
+def image_batch(tiny_processor, examples):
+    return collate([build_training_example(tiny_processor, m, imgs) for m, imgs in examples], tiny_processor.pad_token_id)
 
 
-def test_gradients_match_transformers_for_an_image_prompt(ckpt, processor):
+def test_gradients_match_transformers_for_an_image_prompt(tiny_checkpoint, tiny_processor):
     image, answer = shape_example(0, seed=1, size=150)  # 150 x 150: base view + 2 x 2 tiles, newlines packed
-    batch = image_batch(processor, [(shape_conversation(answer), [image])])
+    batch = image_batch(tiny_processor, [(shape_conversation(answer), [image])])
     assert (batch["labels"] != -100).sum() >= 3 and batch["pixel_values"].shape[1] == 5
-    ours_loss, ref_loss, grads = losses_and_gradients(ckpt, batch)
+    ours_loss, ref_loss, grads = losses_and_gradients(tiny_checkpoint, batch)
     assert abs(ours_loss - ref_loss) <= LOSS_TOL * abs(ref_loss)
     rel = relative_differences(grads)
     worst = max(rel, key=rel.get)
@@ -105,28 +94,28 @@ def test_gradients_match_transformers_for_an_image_prompt(ckpt, processor):
     assert zero == unused
 
 
-def test_gradients_match_transformers_for_a_padded_batch(ckpt, processor):
+def test_gradients_match_transformers_for_a_padded_batch(tiny_checkpoint, tiny_processor):
     """Right padding, a text-only example and a two-image example in one batch (batch_num_images [1, 2, 0])."""
     a, b, c = (shape_example(i, seed=2, size=s) for i, s in ((1, 90), (2, 60), (3, 70)))
     two_images = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                {"type": "text", "text": "Name both shapes."}]},
                   {"role": "assistant", "content": f"{b[1]} and {c[1]}"}]
     text_only = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello"}]
-    batch = image_batch(processor, [(shape_conversation(a[1]), [a[0]]), (two_images, [b[0], c[0]]), (text_only, None)])
+    batch = image_batch(tiny_processor, [(shape_conversation(a[1]), [a[0]]), (two_images, [b[0], c[0]]), (text_only, None)])
     assert batch["batch_num_images"].tolist() == [1, 2, 0] and not batch["attention_mask"].all()
-    ours_loss, ref_loss, grads = losses_and_gradients(ckpt, batch)
+    ours_loss, ref_loss, grads = losses_and_gradients(tiny_checkpoint, batch)
     assert abs(ours_loss - ref_loss) <= LOSS_TOL * abs(ref_loss)
     rel = relative_differences(grads)
     worst = max(rel, key=rel.get)
     assert rel[worst] <= REL_TOL, f"{worst}: relative gradient difference {rel[worst]:.2e}"
 
 
-def test_the_gradient_check_sees_a_small_divergence(ckpt, processor):
+def test_the_gradient_check_sees_a_small_divergence(tiny_checkpoint, tiny_processor):
     """The check can fail: the other GELU variant (tanh vs erf) in one ViT block's MLP is caught."""
     image, answer = shape_example(0, seed=1, size=150)
-    batch = image_batch(processor, [(shape_conversation(answer), [image])])
-    ours = R4BForConditionalGeneration.from_pretrained(ckpt)
+    batch = image_batch(tiny_processor, [(shape_conversation(answer), [image])])
+    ours = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)
     mlp = ours.vision_tower.encoder.layers[1].mlp
     mlp.approximate = "none" if mlp.approximate == "tanh" else "tanh"
-    _, _, grads = losses_and_gradients(ckpt, batch, ours)
+    _, _, grads = losses_and_gradients(tiny_checkpoint, batch, ours)
     assert max(relative_differences(grads).values()) > REL_TOL

@@ -19,20 +19,15 @@ V0 = "vision_tower.encoder.layers.0."
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint):
-    return tiny_checkpoint  # the session's shared tiny checkpoint (conftest.py): read-only
+def model(tiny_checkpoint):
+    return R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-    return R4BForConditionalGeneration.from_pretrained(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def image_batch(checkpoint, model):
+def image_batch(tiny_checkpoint, model):
     """One prompt with one 150x90 image: input_ids [1, T], pixel_values, image_sizes."""
     cfg = model.config
-    inputs = preprocess_images([[picture(150, 90, 0)]], ImageProcessorConfig.from_pretrained(checkpoint))
+    inputs = preprocess_images([[picture(150, 90, 0)]], ImageProcessorConfig.from_pretrained(tiny_checkpoint))
     gen = torch.Generator().manual_seed(0)
     n = num_image_tokens((90, 150), cfg)
     ids = torch.cat([torch.randint(0, 1000, (5,), generator=gen), torch.full((n,), cfg.image_token_index),
@@ -216,10 +211,10 @@ def test_run_with_cache_shapes(model, image_batch):
     assert len(resid) == tcfg.num_hidden_layers and all(t.requires_grad for t in resid.values())
 
 
-def test_names_are_stable_under_activation_checkpointing(checkpoint, model):
+def test_names_are_stable_under_activation_checkpointing(tiny_checkpoint, model):
     from r4b_core.training.model_setup import apply_activation_checkpointing
 
-    wrapped = R4BForConditionalGeneration.from_pretrained(checkpoint)
+    wrapped = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)
     apply_activation_checkpointing(wrapped)
     assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
     assert hook_names(wrapped) == hook_names(model)

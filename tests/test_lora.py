@@ -20,21 +20,15 @@ DECODER_QKVO = {f"language_model.model.layers.{i}.self_attn.{p}_proj" for i in r
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    """The session's shared tiny checkpoint (conftest.py): read-only; each test loads its own model."""
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def batch(ckpt):
-    processor = R4BProcessor.from_pretrained(ckpt)
+def batch(tiny_checkpoint):
+    processor = R4BProcessor.from_pretrained(tiny_checkpoint)
     examples = [build_training_example(processor, shape_conversation(answer), [image])
                 for image, answer in (shape_example(i, seed=1, size=100) for i in range(2))]
     return collate(examples, processor.pad_token_id)
 
 
-def load(ckpt):
-    return R4BForConditionalGeneration.from_pretrained(ckpt)
+def load(tiny_checkpoint):
+    return R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)
 
 
 def logits(model, batch):
@@ -42,10 +36,10 @@ def logits(model, batch):
         return model(**batch).logits
 
 
-def trained_lora_model(ckpt, batch, steps=3, **lora_kwargs):
+def trained_lora_model(tiny_checkpoint, batch, steps=3, **lora_kwargs):
     """A LoRA model after a few AdamW steps (so B != 0)."""
     torch.manual_seed(0)
-    model = load(ckpt)
+    model = load(tiny_checkpoint)
     apply_lora(model, **lora_kwargs)
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=5e-2)
     for _ in range(steps):
@@ -55,9 +49,9 @@ def trained_lora_model(ckpt, batch, steps=3, **lora_kwargs):
     return model.eval()
 
 
-def test_apply_lora_wraps_decoder_qkvo_and_only_adapters_train(ckpt, batch):
-    base = load(ckpt)
-    model = load(ckpt)
+def test_apply_lora_wraps_decoder_qkvo_and_only_adapters_train(tiny_checkpoint, batch):
+    base = load(tiny_checkpoint)
+    model = load(tiny_checkpoint)
     names = apply_lora(model, rank=4, alpha=8)
     assert set(names) == DECODER_QKVO and set(lora_modules(model)) == DECODER_QKVO
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -77,11 +71,11 @@ def test_apply_lora_wraps_decoder_qkvo_and_only_adapters_train(ckpt, batch):
     assert q.lora_B.grad.abs().sum() > 0
 
 
-def test_merge_gives_the_adapted_models_logits(ckpt, batch, tmp_path):
-    model = trained_lora_model(ckpt, batch)
+def test_merge_gives_the_adapted_models_logits(tiny_checkpoint, batch, tmp_path):
+    model = trained_lora_model(tiny_checkpoint, batch)
     q = model.language_model.model.layers[1].self_attn.q_proj
     assert q.lora_B.abs().max() > 1e-3  # training moved B away from zero
-    adapted, base = logits(model, batch), logits(load(ckpt), batch)
+    adapted, base = logits(model, batch), logits(load(tiny_checkpoint), batch)
     assert (adapted - base).abs().max() > 1e-2  # the adapters change the function
     assert merge_lora(model) == 8
     assert not lora_modules(model) and type(model.language_model.model.layers[1].self_attn.q_proj) is nn.Linear
@@ -91,30 +85,30 @@ def test_merge_gives_the_adapted_models_logits(ckpt, batch, tmp_path):
     assert torch.equal(logits(R4BForConditionalGeneration.from_pretrained(tmp_path), batch), merged)
 
 
-def test_adapter_file_round_trip(ckpt, batch, tmp_path):
-    model = trained_lora_model(ckpt, batch, rank=4, alpha=4)
+def test_adapter_file_round_trip(tiny_checkpoint, batch, tmp_path):
+    model = trained_lora_model(tiny_checkpoint, batch, rank=4, alpha=4)
     path = save_lora(model, tmp_path / "adapter.safetensors")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == set(lora_state_dict(model)) and len(f.keys()) == 16  # adapters only
         assert json.loads(f.metadata()["modules"]) == sorted(DECODER_QKVO) and f.metadata()["rank"] == "4"
-    fresh = load_lora(load(ckpt), path)  # a base model gets the adapters from the file's metadata
+    fresh = load_lora(load(tiny_checkpoint), path)  # a base model gets the adapters from the file's metadata
     assert torch.equal(logits(fresh, batch), logits(model, batch))
-    onto_existing = load(ckpt)
+    onto_existing = load(tiny_checkpoint)
     apply_lora(onto_existing, rank=4, alpha=4)
     assert torch.equal(logits(load_lora(onto_existing, path), batch), logits(model, batch))
 
 
-def test_adapter_file_errors(ckpt, tmp_path):
-    model = load(ckpt)
+def test_adapter_file_errors(tiny_checkpoint, tmp_path):
+    model = load(tiny_checkpoint)
     apply_lora(model, rank=2, targets=[r"language_model\.model\.layers\.0\.self_attn\.q_proj"])
     path = save_lora(model, tmp_path / "a.safetensors")
-    other_rank = load(ckpt)
+    other_rank = load(tiny_checkpoint)
     apply_lora(other_rank, rank=3, targets=[r"language_model\.model\.layers\.0\.self_attn\.q_proj"])
     with pytest.raises(ValueError, match="shape"):
         load_lora(other_rank, path)
-    more = load(ckpt)
+    more = load(tiny_checkpoint)
     apply_lora(more, rank=2)
     with pytest.raises(KeyError, match="missing from the file"):
         load_lora(more, path)
@@ -122,13 +116,13 @@ def test_adapter_file_errors(ckpt, tmp_path):
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "not_adapter.safetensors"))
     with pytest.raises(ValueError, match="not an r4b LoRA adapter"):
-        load_lora(load(ckpt), tmp_path / "not_adapter.safetensors")
+        load_lora(load(tiny_checkpoint), tmp_path / "not_adapter.safetensors")
     with pytest.raises(ValueError, match="no LoRA adapters"):
-        save_lora(load(ckpt), tmp_path / "none.safetensors")
+        save_lora(load(tiny_checkpoint), tmp_path / "none.safetensors")
 
 
-def test_targets_errors_and_export_refusal(ckpt, tmp_path):
-    model = load(ckpt)
+def test_targets_errors_and_export_refusal(tiny_checkpoint, tmp_path):
+    model = load(tiny_checkpoint)
     vision = apply_lora(model, targets=[r"vision_tower\.encoder\.layers\.\d+\.mlp\.fc[12]"], freeze_base=False)
     assert len(vision) == 4 and all(p.requires_grad for p in model.parameters())  # the base stays trainable
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
@@ -141,8 +135,8 @@ def test_targets_errors_and_export_refusal(ckpt, tmp_path):
         save_hf_checkpoint(model, tmp_path)
 
 
-def test_lora_through_activation_checkpointing_and_dropout(ckpt, batch):
-    model = load(ckpt)
+def test_lora_through_activation_checkpointing_and_dropout(tiny_checkpoint, batch):
+    model = load(tiny_checkpoint)
     apply_activation_checkpointing(model)
     names = apply_lora(model, rank=2, dropout=0.5)
     assert set(names) == DECODER_QKVO  # matched through the wrapper's name parts

@@ -29,12 +29,6 @@ PROCESSOR_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", 
                    "special_tokens_map.json")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    """The session's shared tiny checkpoint (conftest.py): read-only here."""
-    return tiny_checkpoint
-
-
 def copy_processor_files(src, dst):
     """The processor files of a checkpoint (no weights, no generation_config.json, no chat template)."""
     for name in PROCESSOR_FILES:
@@ -44,8 +38,8 @@ def copy_processor_files(src, dst):
 
 
 @pytest.fixture(scope="module")
-def proc_dir(ckpt, tmp_path_factory):
-    return copy_processor_files(ckpt, tmp_path_factory.mktemp("processor"))
+def proc_dir(tiny_checkpoint, tmp_path_factory):
+    return copy_processor_files(tiny_checkpoint, tmp_path_factory.mktemp("processor"))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +53,9 @@ def hf_tokenizer(proc_dir):
 
 
 @pytest.fixture
-def files_copy(ckpt, tmp_path):
+def files_copy(tiny_checkpoint, tmp_path):
     """A copy of the checkpoint's processor files, to edit."""
-    return copy_processor_files(ckpt, tmp_path)
+    return copy_processor_files(tiny_checkpoint, tmp_path)
 
 
 def edit_json(path, fn):
@@ -238,7 +232,7 @@ def runs(ids: list[int], token: int) -> list[tuple[int, int]]:
     return out
 
 
-def test_single_image_expansion_and_pixels(ckpt, processor, hf_tokenizer):
+def test_single_image_expansion_and_pixels(tiny_checkpoint, processor, hf_tokenizer):
     prompt = "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
     out = processor(text=prompt, images=[IMG_A])
     n = num_image_tokens((90, 150), processor.config)
@@ -248,7 +242,7 @@ def test_single_image_expansion_and_pixels(ckpt, processor, hf_tokenizer):
     assert out["input_ids"].tolist() == [want] and out["input_ids"].dtype == torch.int64
     assert out["attention_mask"].tolist() == [[1] * len(want)]
     assert want == hf_tokenizer(prompt.replace("<image>", "<image>" * n))["input_ids"]  # transformers' tokenizer
-    ref = preprocess_images([IMG_A], ImageProcessorConfig.from_pretrained(ckpt))
+    ref = preprocess_images([IMG_A], ImageProcessorConfig.from_pretrained(tiny_checkpoint))
     for key in ("pixel_values", "image_sizes", "batch_num_images"):
         assert torch.equal(out[key], ref[key]), key
     # the same through messages: images inside the content, and via images= for placeholder-only items

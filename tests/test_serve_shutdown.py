@@ -19,11 +19,6 @@ from r4b_core.serve.server import free_port
 MESSAGES = [{"role": "user", "content": "Describe the picture in detail."}]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint):
-    return tiny_checkpoint  # the session's shared tiny checkpoint (conftest.py): read-only
-
-
 class ServerProcess:
     def __init__(self, checkpoint, tmp_path, *extra: str) -> None:
         self.port = free_port()
@@ -69,8 +64,8 @@ def _post_json(url: str, body: dict, out: list) -> None:
     out.append((r.status_code, r.json()))
 
 
-def test_sigterm_finishes_running_and_queued_requests_and_exits_0(checkpoint, tmp_path):
-    server = ServerProcess(checkpoint, tmp_path, "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "512",
+def test_sigterm_finishes_running_and_queued_requests_and_exits_0(tiny_checkpoint, tmp_path):
+    server = ServerProcess(tiny_checkpoint, tmp_path, "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "512",
                            "--shutdown-timeout", "60")
     try:
         streamed, started = [], threading.Event()
@@ -104,8 +99,8 @@ def test_sigterm_finishes_running_and_queued_requests_and_exits_0(checkpoint, tm
         httpx.get(server.url + "/health", timeout=2)
 
 
-def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_0(checkpoint, tmp_path):
-    server = ServerProcess(checkpoint, tmp_path, "--max-batch-size", "2", "--shutdown-timeout", "0")
+def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_0(tiny_checkpoint, tmp_path):
+    server = ServerProcess(tiny_checkpoint, tmp_path, "--max-batch-size", "2", "--shutdown-timeout", "0")
     try:
         streamed, started = [], threading.Event()
         running = threading.Thread(target=_stream_lines, args=(server.url, {"messages": MESSAGES, "max_tokens": 3000},
@@ -123,11 +118,11 @@ def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_0(checkpoint, 
     assert error["code"] == "cancelled" and "shut down" in error["message"]
 
 
-def test_cli_checks_options_before_loading(checkpoint, tmp_path):
+def test_cli_checks_options_before_loading(tiny_checkpoint, tmp_path):
     from r4b_core.cli import main
 
-    assert main(["serve", "--model", str(checkpoint), "--allow-local-images", str(tmp_path / "missing")]) == 2
-    assert main(["serve", "--model", str(checkpoint), "--max-seq-len", "100000"]) == 2
+    assert main(["serve", "--model", str(tiny_checkpoint), "--allow-local-images", str(tmp_path / "missing")]) == 2
+    assert main(["serve", "--model", str(tiny_checkpoint), "--max-seq-len", "100000"]) == 2
     assert main(["serve", "--model", str(tmp_path / "no-such-checkpoint")]) == 1
     with pytest.raises(SystemExit):
         main(["serve", "--port", "70000"])

@@ -42,44 +42,38 @@ def spec_tensor_names(n_text: int, n_vision: int) -> set[str]:
     return names
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_checkpoint):
-    """The session's shared tiny checkpoint (conftest.py: make_synthetic_checkpoint, preset tiny, seed 0)."""
-    return tiny_checkpoint
-
-
-def test_files_and_tensor_names_follow_r4b_layout(tiny_dir):
-    config = json.loads((tiny_dir / "config.json").read_text())
+def test_files_and_tensor_names_follow_r4b_layout(tiny_checkpoint):
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
     assert config["architectures"] == ["RForConditionalGeneration"]
     for key in ("text_config", "vision_config", "image_grid_pinpoints", "vision_aspect_ratio", "image_token_index",
                 "vision_feature_layer", "vision_feature_select_strategy", "projector_hidden_act"):
         assert key in config
-    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    tensors = load_file(str(tiny_checkpoint / "model.safetensors"))
     cfg = preset("tiny")
     assert set(tensors) == spec_tensor_names(cfg.text_config.num_hidden_layers, cfg.vision_config.num_hidden_layers)
     assert tensors["lm_head.weight"].shape == (151936, 64)
-    assert ImageProcessorConfig.from_pretrained(tiny_dir) == ImageProcessorConfig.for_model(cfg)
+    assert ImageProcessorConfig.from_pretrained(tiny_checkpoint) == ImageProcessorConfig.for_model(cfg)
 
 
-def test_tokenizer_files_put_special_tokens_at_qwen_ids(tiny_dir):
-    tok = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+def test_tokenizer_files_put_special_tokens_at_qwen_ids(tiny_checkpoint):
+    tok = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
     ids = tok.encode("<|im_start|>user\n<image>What colour?<think>hm</think><|im_end|>").ids
     assert ids[0] == 151644 and ids[-1] == 151645
     assert 151669 in ids and 151667 in ids and 151668 in ids
     assert tok.decode(ids, skip_special_tokens=True) == "user\nWhat colour?<think>hm</think>"
     import transformers
 
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
     assert hf_tok("<image>")["input_ids"] == [151669] and hf_tok.eos_token_id == 151645
 
 
 @torch.no_grad()
-def test_logits_are_not_degenerate(tiny_dir):
-    model = R4BForConditionalGeneration.from_pretrained(tiny_dir)
+def test_logits_are_not_degenerate(tiny_checkpoint):
+    model = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)
     ids = torch.randint(0, 151936, (2, 32), generator=torch.Generator().manual_seed(0))
     logits = model(ids).logits
     assert torch.isfinite(logits).all()
-    vocab = Tokenizer.from_file(str(tiny_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    vocab = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).get_vocab(with_added_tokens=True)
     printable = torch.tensor(sorted(i for i in vocab.values() if i != model.config.image_token_index))
     on_vocab = logits[..., printable]
     assert on_vocab.std(-1).min() > 0.5  # every position has spread-out logits over printable tokens
@@ -100,8 +94,8 @@ def test_logits_are_not_degenerate(tiny_dir):
     assert (with_image[0, -1] - other_image[0, -1]).abs().max() > 0.1  # the picture matters
 
 
-def test_seed_decides_the_weights(tmp_path, tiny_dir):
-    a = load_file(str(tiny_dir / "model.safetensors"))  # seed 0
+def test_seed_decides_the_weights(tmp_path, tiny_checkpoint):
+    a = load_file(str(tiny_checkpoint / "model.safetensors"))  # seed 0
     b = load_file(str(make_synthetic_checkpoint(tmp_path / "b", "tiny", seed=0) / "model.safetensors"))
     c = load_file(str(make_synthetic_checkpoint(tmp_path / "c", "tiny", seed=1) / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -109,19 +103,19 @@ def test_seed_decides_the_weights(tmp_path, tiny_dir):
                            c["model.language_model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_sharded_checkpoint_loads_identically(tmp_path, tiny_dir):
+def test_sharded_checkpoint_loads_identically(tmp_path, tiny_checkpoint):
     sharded = make_synthetic_checkpoint(tmp_path, "tiny", seed=0, max_shard_bytes=20 * 1024**2)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
     a = R4BForConditionalGeneration.from_pretrained(sharded).state_dict()
-    b = R4BForConditionalGeneration.from_pretrained(tiny_dir).state_dict()
+    b = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_round_trip_is_bit_identical(tmp_path, tiny_dir):
-    model = R4BForConditionalGeneration.from_pretrained(tiny_dir)
+def test_export_round_trip_is_bit_identical(tmp_path, tiny_checkpoint):
+    model = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint)
     save_hf_checkpoint(model, tmp_path)
-    assert set(load_file(str(tmp_path / "model.safetensors"))) == set(load_file(str(tiny_dir / "model.safetensors")))
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == set(load_file(str(tiny_checkpoint / "model.safetensors")))
     again = R4BForConditionalGeneration.from_pretrained(tmp_path)
     a, b = model.state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -163,21 +157,21 @@ def _legacy_name(name: str) -> str:
     raise AssertionError(name)
 
 
-def test_legacy_llava_spelling_and_pooling_head_load(tmp_path, tiny_dir):
+def test_legacy_llava_spelling_and_pooling_head_load(tmp_path, tiny_checkpoint):
     extra = {"vision_tower.vision_model.head.probe": torch.zeros(1, 1, 32)}  # SigLIP pooling head: dropped
-    legacy = _rewrite_tensors(tiny_dir, tmp_path / "legacy", rename=_legacy_name, replace=extra)
+    legacy = _rewrite_tensors(tiny_checkpoint, tmp_path / "legacy", rename=_legacy_name, replace=extra)
     a = R4BForConditionalGeneration.from_pretrained(legacy).state_dict()
-    b = R4BForConditionalGeneration.from_pretrained(tiny_dir).state_dict()
+    b = R4BForConditionalGeneration.from_pretrained(tiny_checkpoint).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_model_errors_name_vision_side_keys(tmp_path, tiny_dir):
-    missing = _rewrite_tensors(tiny_dir, tmp_path / "missing", drop={"model.multi_modal_projector.pre_norm.bias"})
+def test_full_model_errors_name_vision_side_keys(tmp_path, tiny_checkpoint):
+    missing = _rewrite_tensors(tiny_checkpoint, tmp_path / "missing", drop={"model.multi_modal_projector.pre_norm.bias"})
     with pytest.raises(MissingTensorError, match="model.multi_modal_projector.pre_norm.bias"):
         R4BForConditionalGeneration.from_pretrained(missing)
     for key, value, message in (("intermediate_size", 48, "vision_config.intermediate_size = 48.*fc1"),
                                 ("num_hidden_layers", 3, "vision_config.num_hidden_layers = 3")):
-        edited = _rewrite_tensors(tiny_dir, tmp_path / key)
+        edited = _rewrite_tensors(tiny_checkpoint, tmp_path / key)
         cfg = json.loads((edited / "config.json").read_text())
         cfg["vision_config"][key] = value
         (edited / "config.json").write_text(json.dumps(cfg))

@@ -30,14 +30,8 @@ from shapes_data import shape_conversation, shape_example  # scripts/shapes_data
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    """The session's shared tiny checkpoint (conftest.py): read-only; each test loads its own model."""
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def batch(ckpt):
-    processor = R4BProcessor.from_pretrained(ckpt)
+def batch(tiny_checkpoint):
+    processor = R4BProcessor.from_pretrained(tiny_checkpoint)
     examples = []
     for i, size in enumerate((150, 56)):
         image, answer = shape_example(i, seed=0, size=size)
@@ -45,8 +39,8 @@ def batch(ckpt):
     return collate(examples, processor.pad_token_id)
 
 
-def load(ckpt):
-    return R4BForConditionalGeneration.from_pretrained(ckpt).train()
+def load(tiny_checkpoint):
+    return R4BForConditionalGeneration.from_pretrained(tiny_checkpoint).train()
 
 
 def grads_of(model, batch):
@@ -59,8 +53,8 @@ def grads_of(model, batch):
 # freezing and parameter groups
 
 
-def test_freeze_parts(ckpt):
-    model = load(ckpt)
+def test_freeze_parts(tiny_checkpoint):
+    model = load(tiny_checkpoint)
     trainable, total = count_parameters(model)
     assert trainable == total
     freeze(model, vision=True)
@@ -79,8 +73,8 @@ def group_names(model, groups):
     return [{names[id(p)] for p in g["params"]} for g in groups]
 
 
-def test_param_groups_exempt_norms_biases_embeddings_and_newline(ckpt):
-    model = load(ckpt)
+def test_param_groups_exempt_norms_biases_embeddings_and_newline(tiny_checkpoint):
+    model = load(tiny_checkpoint)
     groups = param_groups(model, weight_decay=0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     decay, no_decay = group_names(model, groups)
@@ -94,8 +88,8 @@ def test_param_groups_exempt_norms_biases_embeddings_and_newline(ckpt):
     assert decay | no_decay == {n for n, _ in model.named_parameters()} and not decay & no_decay
 
 
-def test_param_groups_with_a_tied_head_wrappers_frozen_parts_and_lora(ckpt):
-    model = load(ckpt)
+def test_param_groups_with_a_tied_head_wrappers_frozen_parts_and_lora(tiny_checkpoint):
+    model = load(tiny_checkpoint)
     model.language_model.config.tie_word_embeddings = True
     model.language_model.tie_weights()  # lm_head shares the embedding: no decay, counted once
     apply_activation_checkpointing(model)
@@ -112,8 +106,8 @@ def test_param_groups_with_a_tied_head_wrappers_frozen_parts_and_lora(ckpt):
         param_groups(model, 0.1)
 
 
-def test_loss_sum_is_the_model_loss_times_the_token_count(ckpt, batch):
-    model = load(ckpt)
+def test_loss_sum_is_the_model_loss_times_the_token_count(tiny_checkpoint, batch):
+    model = load(tiny_checkpoint)
     with torch.no_grad():
         out = model(**batch)
     n = count_target_tokens(batch["labels"])
@@ -139,9 +133,9 @@ def test_target_tokens_and_loss_sum_on_hand_made_labels():
 # activation checkpointing, compile
 
 
-def test_activation_checkpointing_gives_identical_gradients_and_recomputes(ckpt, batch):
-    plain = grads_of(load(ckpt), batch)
-    model = load(ckpt)
+def test_activation_checkpointing_gives_identical_gradients_and_recomputes(tiny_checkpoint, batch):
+    plain = grads_of(load(tiny_checkpoint), batch)
+    model = load(tiny_checkpoint)
     assert apply_activation_checkpointing(model) == 4  # 2 ViT blocks + 2 decoder blocks
     assert apply_activation_checkpointing(model) == 0  # idempotent
     calls = []
@@ -152,33 +146,33 @@ def test_activation_checkpointing_gives_identical_gradients_and_recomputes(ckpt,
     assert plain.keys() == checkpointed.keys()
     assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
     # state_dict keeps the plain names, so export works unchanged
-    assert set(model.state_dict()) == set(load(ckpt).state_dict())
+    assert set(model.state_dict()) == set(load(tiny_checkpoint).state_dict())
 
 
-def test_activation_checkpointed_model_exports(ckpt, tmp_path):
-    model = load(ckpt)
+def test_activation_checkpointed_model_exports(tiny_checkpoint, tmp_path):
+    model = load(tiny_checkpoint)
     apply_activation_checkpointing(model, vision=False)
     save_hf_checkpoint(model, tmp_path)
     reloaded = R4BForConditionalGeneration.from_pretrained(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
 
 
-def test_compile_blocks_matches_eager(ckpt, batch):
+def test_compile_blocks_matches_eager(tiny_checkpoint, batch):
     """Per-block compile with fullgraph=True (a graph break fails). The aot_eager backend keeps this quick
     (dynamo + AOT autograd, no C++ codegen); test_compile_blocks_inductor below runs the default backend."""
-    model = load(ckpt)
+    model = load(tiny_checkpoint)
     with torch.no_grad():
         want = model(**batch).logits
     assert compile_blocks(model, backend="aot_eager") == 4
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in load(ckpt).named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in load(tiny_checkpoint).named_parameters()]
     with torch.no_grad():
         got = model(**batch).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
-def test_compile_blocks_inductor(ckpt, batch):
-    model = load(ckpt)
+def test_compile_blocks_inductor(tiny_checkpoint, batch):
+    model = load(tiny_checkpoint)
     eager = grads_of(model, batch)
     with torch.no_grad():
         want = model(**batch).logits
@@ -210,12 +204,12 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-def test_apply_fsdp2_shards_every_block_and_the_root(ckpt, batch, one_process_group):
+def test_apply_fsdp2_shards_every_block_and_the_root(tiny_checkpoint, batch, one_process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
-    plain = grads_of(load(ckpt), batch)
-    model = load(ckpt)
+    plain = grads_of(load(tiny_checkpoint), batch)
+    model = load(tiny_checkpoint)
     apply_activation_checkpointing(model)
     apply_fsdp2(model, init_device_mesh("cpu", (1,)))
     blocks = [*model.vision_tower.encoder.layers, *model.language_model.model.layers]
@@ -227,7 +221,7 @@ def test_apply_fsdp2_shards_every_block_and_the_root(ckpt, batch, one_process_gr
     assert all(torch.allclose(sharded[n], plain[n], rtol=1e-5, atol=1e-7) for n in plain)
 
 
-def test_apply_fsdp2_mixed_precision_argument(ckpt):
+def test_apply_fsdp2_mixed_precision_argument(tiny_checkpoint):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from r4b_core.training.model_setup import _mixed_precision_policy
