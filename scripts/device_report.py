@@ -18,12 +18,21 @@ def main(kernel_path: str, bench_path: str) -> int:
     print(f"== device check on {kernel['device']} ==")
     print(f"kernel vs reference: {len(kernel['correctness'])} cases, {'all within tolerance' if ok else 'FAILURES'}; "
           f"worst rel err {max(r['max_rel_err'] for r in kernel['correctness']):.2e}")
+    paged = [r for r in kernel["correctness"] if r["case"].startswith("paged_")]
+    if paged:
+        print(f"  of which paged (16-token blocks, random block table): {len(paged)} cases, "
+              f"{'all within tolerance' if all(r['passed'] for r in paged) else 'FAILURES'}")
     timing = kernel["timing"]
-    print(f"decode attention (copy bandwidth {timing['copy_bandwidth_GBps']:.0f} GB/s)")
-    print(f"{'context':>8} {'triton us':>10} {'flash us':>9} {'effic us':>9} {'roofline us':>12} {'of copy bw':>11}")
-    for r in timing["rows"]:
-        print(f"{r['context']:>8} {r['triton_us']:>10.1f} {fmt(r['sdpa_flash_us']):>9} "
-              f"{fmt(r['sdpa_efficient_us']):>9} {r['roofline_us']:>12.1f} {100 * r['fraction_of_copy_bandwidth']:>10.1f}%")
+    print(f"decode attention (copy bandwidth {timing['copy_bandwidth_GBps']:.0f} GB/s; paged/contig = paged kernel "
+          f"time / contiguous kernel time; paged sdpa = the gather + SDPA fallback)")
+    print(f"{'batch':>5} {'context':>8} {'triton us':>10} {'paged us':>9} {'paged/contig':>12} {'paged sdpa us':>13} "
+          f"{'flash us':>9} {'effic us':>9} {'roofline us':>12} {'of copy bw':>11}")
+    for section in ("timing", "timing_batched"):
+        for r in kernel.get(section, {}).get("rows", []):
+            print(f"{r['batch']:>5} {r['context']:>8} {r['triton_us']:>10.1f} {fmt(r.get('paged_us')):>9} "
+                  f"{fmt(r.get('paged_vs_contiguous'), '.2f'):>11}x {fmt(r.get('paged_sdpa_us')):>13} "
+                  f"{fmt(r['sdpa_flash_us']):>9} {fmt(r['sdpa_efficient_us']):>9} {r['roofline_us']:>12.1f} "
+                  f"{100 * r['fraction_of_copy_bandwidth']:>10.1f}%")
     print(f"r4b bench · {bench['model']} · {bench['dtype']} · prompt {bench['prompt_tokens']} · "
           f"{bench['max_new_tokens']} new tokens")
     prefill = bench.get("prefill", {})
