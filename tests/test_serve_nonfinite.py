@@ -28,18 +28,19 @@ def tiny(tiny_checkpoint):
 
 class NaNInjector:
     """A hook that writes NaN into row ``row`` of the decoder input once, at the next forward whose batch
-    is ``batch`` (2: a decode step of the 2-slot engine; 1: a prefill)."""
+    is ``batch`` (2: a decode step of both running requests; 1 with ``prefill``: a prefill of more than one
+    token, not a batch-1 decode step of the engine's other request)."""
 
     def __init__(self) -> None:
-        self.armed: tuple[int, int] | None = None  # (batch, row)
+        self.armed: tuple[int, int, bool] | None = None  # (batch, row, prefill)
         self.fired = threading.Event()
 
-    def arm(self, batch: int, row: int) -> None:
+    def arm(self, batch: int, row: int, prefill: bool = False) -> None:
         self.fired.clear()
-        self.armed = (batch, row)
+        self.armed = (batch, row, prefill)
 
     def __call__(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        if self.armed is None or x.shape[0] != self.armed[0]:
+        if self.armed is None or x.shape[0] != self.armed[0] or (self.armed[2] and x.shape[1] == 1):
             return None
         row = self.armed[1]
         self.armed = None
@@ -110,7 +111,7 @@ def test_a_nan_request_fails_alone_and_its_slot_serves_the_next(tiny):
 
             # NaN at the prefill: refused at step 0, before any token
             at_prefill = _request(_inputs(processor, "And the circle?"), 8)
-            injector.arm(batch=1, row=0)
+            injector.arm(batch=1, row=0, prefill=True)
             engine.submit(at_prefill)
             _wait(at_prefill)
             assert at_prefill.finish_reason == "error" and at_prefill.tokens == []

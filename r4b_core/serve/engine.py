@@ -1,35 +1,41 @@
-"""Continuous batching over the static KV cache: one engine thread owns the model.
+"""Continuous batching over a paged KV cache: one engine thread owns the model.
 
-    submit(request) ──► bounded queue ──(a free slot, at a step boundary)──► prefill alone into the
-    slot's cache row ──► decode steps: every slot's next token [B, 1] through the whole cache at once
-    ──► a finished or cancelled request frees its slot at once; the next queued one is admitted at
-    the next boundary
+    submit(request) ──► bounded queue ──► scheduler (serve/scheduler.py): admitted when its prompt's blocks
+    fit the pool (cached prefix blocks reused) ──► each step: ONE batched decode forward over the running
+    sequences with one pending token + at most one prefill chunk, within ``token_budget`` tokens
+    ──► a finished, cancelled or failed request gives its blocks back at once
 
-Slots are the rows of one ``KVCache`` [L, B, H_kv, S, D] (B = ``max_batch_size``, S = ``max_seq_len``).
-A request is prefilled on its own through ``KVCache.row(slot)`` (a batch-1 view of that row), so its
-prompt never waits for, nor pads against, the others. The decode step always runs all B rows, so its
-shapes are static (it can be compiled) and a row's arithmetic does not depend on how many rows are
-busy: a request's greedy tokens are the same alone or among others. A free row is "parked" before
-every step: its length is set to 0, so it writes its pad token into its own slot 0 and attends to that
-slot only; it never touches another row and never overflows.
+Memory follows the tokens held: the KV cache is one pool of fixed-size blocks (models/paged_kv_cache.py)
+sized by ``kv_cache_tokens`` or ``kv_cache_gb``; a sequence holds ceil(len / block_size) blocks and nothing
+for the answer it has not generated yet. Only running sequences are decoded (batch padded up to a bucket,
+1, 2, 4, 8, ..., max_batch_size; the attended length bucketed too, serve/model_runner.py), so one client
+streams at about generate()'s speed. Full blocks are kept by content hash after their request ends
+(serve/block_pool.py: token ids + a digest of the images after preprocessing), so a second turn over the
+same image skips the cached prefix, and the image features of recently seen images are kept too (the
+vision tower is skipped when a chunk still needs them). When blocks run out the newest running request is
+preempted and recomputed later (it loses nothing; its client sees a pause).
 
-Only the engine thread runs forwards. Other threads talk to it through ``submit`` (which raises
-``QueueFullError`` past ``max_queue`` waiting requests and ``EngineStoppedError`` once shutdown began),
-``EngineRequest.cancel()`` (honoured at the next step boundary) and the request's ``on_event`` callback,
-which the engine thread calls with each ``EngineEvent`` (keep it quick: hand the event to your own
-thread or event loop). Per request: its own sampling parameters and seeded generator, stop ids,
-``max_new_tokens`` and an optional ``ThinkingBudget`` whose forced tokens replace the sampled ones.
+Exactness: a row's arithmetic now depends on its batch bucket, its attended-length bucket, on prefix-cache
+hits and on where its prompt was chunked, so a request's greedy tokens alone and among others agree up to
+floating-point ties (measured: BENCHMARKS.md). ``exact=True`` restores the old guarantee: every decode step
+runs ``max_batch_size`` rows over ``max_seq_len`` slots, prompts are prefilled whole and never taken from
+the prefix cache, so a request's tokens do not depend on its neighbours (at the old per-step cost).
 
-NaN / Inf logits (as generate() checks them: a row's fp32 sum, read back with the tokens in the host sync
-each step already has) finish that request alone with "error" (``NonFiniteLogitsError``'s message); its
-cache row is zeroed before the slot is reused, since masked-out slots must not hold NaN.
+Only the engine thread runs forwards. Other threads talk to it through ``submit`` (``QueueFullError`` past
+``max_queue`` waiting requests, ``EngineStoppedError`` once shutdown began), ``EngineRequest.cancel()``
+(honoured at the next step boundary) and the request's ``on_event`` callback, called on the engine thread
+with each ``EngineEvent`` (keep it quick). Token choice (sampling, a thinking budget's forced tokens, C's
+logprobs / min_tokens / logits processors) happens in ONE place: ``Engine._pick``.
+
+NaN / Inf logits (a row's fp32 sum, read back with the tokens) finish that request alone with "error"
+(``NonFiniteLogitsError``'s message); its private blocks are zeroed and dropped from the prefix cache
+before they are reused, since a masked NaN still poisons attention (0 * NaN).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,23 +44,22 @@ from typing import Any
 
 import torch
 
-from r4b_core.generation.generate import (
-    NonFiniteLogitsError,
-    check_lengths,
-    compiled_decode_step,
-    decode_step,
-    prefill,
-    sample_next_token,
-)
-from r4b_core.generation_config import SamplingParams
-from r4b_core.models.kv_cache import KVCache
+from r4b_core.generation.generate import NonFiniteLogitsError, check_lengths, sample_next_token
 from r4b_core.generation.thinking_budget import ThinkingBudget
+from r4b_core.generation_config import SamplingParams
+from r4b_core.models.paged_kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_bytes_per_token
+from r4b_core.serve.block_pool import BlockPool
+from r4b_core.serve.model_runner import ModelRunner, image_digest
+from r4b_core.serve.scheduler import Scheduler
+from r4b_core.serve.scheduler import Sequence as EngineSequence
 
 log = logging.getLogger("r4b.serve")
 
-_COUNTERS = ("prefill_tokens", "generated_tokens", "decode_steps", "finished_stop", "finished_length",
-             "finished_cancelled", "finished_error")
-DEFAULT_MAX_SEQ_LEN = 4096  # the SDPA decode step attends over all S slots: a larger cache is slower per step
+_COUNTERS = ("prefill_tokens", "cached_prompt_tokens", "generated_tokens", "decode_steps", "prefill_chunks",
+             "preemptions", "finished_stop", "finished_length", "finished_cancelled", "finished_error")
+DEFAULT_MAX_SEQ_LEN = 32768  # prompt + answer per request: an image prompt plus max_tokens=16384 fits
+DEFAULT_KV_CACHE_TOKENS = 32768  # the pool: raised to max_seq_len when that is larger
+DEFAULT_TOKEN_BUDGET = 512  # tokens per engine step (decode rows + one prefill chunk)
 
 
 def _nonfinite_error(step: int) -> str:
@@ -68,7 +73,7 @@ class EngineError(RuntimeError):
 
 
 class QueueFullError(EngineError):
-    """``max_queue`` requests are already waiting for a slot."""
+    """``max_queue`` requests are already waiting."""
 
 
 class EngineStoppedError(EngineError):
@@ -84,6 +89,10 @@ class EngineEvent:
     token: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    logprob: float | None = None  # the token's log-probability (request.logprobs set)
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list | None = None  # on the first token event only (request.prompt_logprobs set)
+    prompt_top_logprobs: list | None = None
 
 
 @dataclass
@@ -98,14 +107,20 @@ class EngineRequest:
     model_inputs: dict[str, Any] = field(default_factory=dict)
     stop_token_ids: Sequence[int] | None = None  # None: the engine's eos ids
     thinking_budget: ThinkingBudget | None = None
+    logprobs: int | None = None  # top-k log-probabilities per generated token (0: the chosen token's only)
+    prompt_logprobs: int | None = None  # set: log-probabilities of the prompt tokens too
+    min_new_tokens: int = 0
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
     # filled by the engine
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
+    cached_prompt_tokens: int = 0  # prompt positions taken from the prefix cache
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
+    _image_digest: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim == 1:
@@ -119,7 +134,7 @@ class EngineRequest:
         return self.input_ids.shape[1]
 
     def cancel(self) -> None:
-        """Ask the engine to stop this request; its slot is freed at the next step boundary."""
+        """Ask the engine to stop this request; its blocks are freed at the next step boundary."""
         self._cancel.set()
 
     @property
@@ -127,53 +142,88 @@ class EngineRequest:
         return self._cancel.is_set()
 
 
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
 class Engine:
-    """``max_batch_size`` slots over one static KV cache; see the module docstring."""
+    """At most ``max_batch_size`` running requests over one paged KV cache; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  max_queue: int = 64, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
-                 compile: bool = False, attention_backend: str = "auto") -> None:
-        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+                 compile: bool = False, attention_backend: str = "auto", kv_cache_tokens: int | None = None,
+                 kv_cache_gb: float | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, prefix_caching: bool = True, exact: bool = False,
+                 vision_cache_size: int = 8) -> None:
+        _positive_int("max_batch_size", max_batch_size)
+        _positive_int("max_queue", max_queue)
+        _positive_int("block_size", block_size)
+        _positive_int("token_budget", token_budget)
         text_config = getattr(model.config, "text_config", model.config)
         self.max_positions = text_config.max_position_embeddings
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, self.max_positions)
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}.")
+        _positive_int("max_seq_len", max_seq_len, 2)
         if max_seq_len > self.max_positions:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
                              f"({self.max_positions}); lower --max-seq-len.")
+        if kv_cache_tokens is not None and kv_cache_gb is not None:
+            raise ValueError("give at most one of kv_cache_tokens (--kv-cache-tokens) or kv_cache_gb (--kv-cache-gb).")
         parameter = next(p for p in model.parameters() if p.is_floating_point())
         self.model, self.device, self.dtype = model, parameter.device, parameter.dtype
         self.max_batch_size, self.max_seq_len, self.max_queue = max_batch_size, max_seq_len, max_queue
         self.eos_token_ids, self.pad_token_id = [int(i) for i in eos_token_ids], int(pad_token_id)
-        self.cache = KVCache.for_model(text_config, max_batch_size, max_seq_len, dtype=self.dtype, device=self.device,
-                                       attention_backend=attention_backend)
-        self._decode = compiled_decode_step(self.device.type) if compile else decode_step
-        if compile and self.device.type == "cuda":  # CUDA graphs need the cache at fixed addresses
-            for t in (self.cache.k, self.cache.v, self.cache.seq_lens):
-                torch._dynamo.mark_static_address(t)
-        self._slots: list[EngineRequest | None] = [None] * max_batch_size
-        self._next_token = [self.pad_token_id] * max_batch_size  # what each slot feeds the next decode step
+        self.exact = exact
+        if kv_cache_gb is None:
+            tokens = kv_cache_tokens if kv_cache_tokens is not None else max(DEFAULT_KV_CACHE_TOKENS, max_seq_len)
+            _positive_int("kv_cache_tokens", tokens, block_size)
+            self.cache = PagedKVCache.for_model(text_config, num_tokens=tokens, block_size=block_size,
+                                                dtype=self.dtype, device=self.device,
+                                                attention_backend=attention_backend)
+        else:
+            self.cache = PagedKVCache.for_model(text_config, memory_gb=kv_cache_gb, block_size=block_size,
+                                                dtype=self.dtype, device=self.device,
+                                                attention_backend=attention_backend)
+        self.kv_bytes_per_token = kv_bytes_per_token(text_config, self.dtype)
+        self.pool = BlockPool(self.cache.num_blocks, block_size, prefix_caching=prefix_caching and not exact)
+        budget = max(token_budget, max_seq_len) if exact else token_budget
+        self.scheduler = Scheduler(self.pool, max_running=max_batch_size, token_budget=max(budget, max_batch_size + 1))
+        decode_fn = None
+        if compile:
+            from r4b_core.generation.generate import compiled_decode_step
+
+            decode_fn = compiled_decode_step(self.device.type)
+        self.runner = ModelRunner(model, self.cache, max_batch_size=max_batch_size, pad_token_id=self.pad_token_id,
+                                  fixed_batch=exact, fixed_kv_len=max_seq_len if exact else None,
+                                  vision_cache_size=vision_cache_size, decode_fn=decode_fn)
         self._queue: collections.deque[EngineRequest] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
-        self.counters = collections.Counter()  # requests by finish reason, tokens, decode steps
+        self._active = 0
+        self.counters = collections.Counter()  # requests by finish reason, tokens, steps
 
     # ------------------------------------------------------------------------------------------
     # the caller's side (any thread)
 
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.cache.num_tokens
+
     def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise ValueError (naming the numbers) when a prompt + max_new_tokens cannot fit a slot."""
+        """Raise ValueError (naming the numbers) when a prompt + max_new_tokens cannot fit."""
         check_lengths(prompt_tokens, max_new_tokens, self.max_seq_len, self.max_positions)
+        if prompt_tokens + max_new_tokens - 1 > self.kv_cache_tokens:
+            raise ValueError(f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs "
+                             f"{prompt_tokens + max_new_tokens - 1} KV-cache slots but the server's whole pool "
+                             f"holds {self.kv_cache_tokens} (--kv-cache-tokens / --kv-cache-gb).")
 
     def max_new_tokens_for(self, prompt_tokens: int) -> int:
-        """The most tokens a request of this prompt length may generate (the rest of its slot)."""
-        return min(self.max_seq_len + 1, self.max_positions) - prompt_tokens
+        """The most tokens a request of this prompt length may generate."""
+        return min(self.max_seq_len + 1, self.max_positions, self.kv_cache_tokens + 1) - prompt_tokens
 
     def start(self) -> "Engine":
         with self._cond:
@@ -183,10 +233,11 @@ class Engine:
         return self
 
     def submit(self, request: EngineRequest) -> None:
-        """Queue a request (checked first); it is admitted when a slot is free."""
+        """Queue a request (checked first); it is admitted when its prompt's blocks fit."""
         self.check_request(request.prompt_tokens, request.max_new_tokens)
         if request.sampling.seed is not None:
             request._generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
+        request._image_digest = image_digest(request.model_inputs)
         with self._cond:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down and admits no new requests.")
@@ -221,9 +272,14 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            active = sum(r is not None for r in self._slots)
-            return {"slots": self.max_batch_size, "active": active, "queued": len(self._queue),
+            usage = self.pool.usage()
+            return {"slots": self.max_batch_size, "active": self._active, "queued": len(self._queue),
                     "max_queue": self.max_queue, "max_seq_len": self.max_seq_len, "accepting": self.accepting,
+                    "kv_cache_tokens": self.kv_cache_tokens,
+                    "kv_cache_bytes": self.cache.nbytes,
+                    "kv_cache_used_tokens": usage["blocks_used"] * self.pool.block_size,
+                    **{f"kv_{k}": v for k, v in usage.items()},
+                    "vision_cache_hits": self.runner.vision_hits, "vision_runs": self.runner.vision_runs,
                     **{k: int(self.counters[k]) for k in _COUNTERS}}
 
     # ------------------------------------------------------------------------------------------
@@ -232,139 +288,159 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         with torch.inference_mode():
-            while True:
-                admitted = self._wait_for_work()
-                if admitted is None:
-                    return
-                for slot, request in admitted:
-                    self._prefill(slot, request)
+            while self._wait_for_work():
                 self._drop_cancelled()
-                if any(r is not None for r in self._slots):
-                    self._decode_step()
+                self.scheduler.admit()
+                self._publish_active()
+                plan, preempted = self.scheduler.plan()
+                if preempted:
+                    self.counters["preemptions"] += len(preempted)
+                    log.info("preempted %d request(s): KV blocks ran out", len(preempted))
+                if plan.decode:
+                    self._decode(plan.decode)
+                if plan.prefill is not None and plan.prefill in self.scheduler.running:
+                    self._prefill(plan.prefill, plan.prefill_end)
+                self._publish_active()
 
-    def _wait_for_work(self) -> list[tuple[int, EngineRequest]] | None:
-        """Block until there is something to do; admit queued requests into free slots. None: exit."""
+    def _publish_active(self) -> None:
+        with self._cond:
+            self._active = len(self.scheduler.running)
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; move new requests to the scheduler. False: exit."""
+        sched = self.scheduler
         expired: list[EngineRequest] = []
         exit_now = False
         with self._cond:
             while True:
                 if self._deadline is not None and time.monotonic() >= self._deadline:
-                    expired = [*self._queue, *(r for r in self._slots if r is not None)]
+                    expired = [*self._queue, *(s.request for s in (*sched.waiting, *sched.running))]
                     self._queue.clear()
-                    self._slots = [None] * self.max_batch_size
-                    self._next_token = [self.pad_token_id] * self.max_batch_size
-                busy = any(r is not None for r in self._slots)
-                if busy or (self._queue and None in self._slots):
+                    for seq in list(sched.running):
+                        sched.release(seq)
+                    sched.waiting.clear()
+                if sched.running or self._queue or sched.waiting:
                     break
-                if self._stopping and not self._queue:
+                if self._stopping:
                     exit_now = True
                     break
                 self._cond.wait(timeout=0.05 if self._stopping else None)
-            admitted = []
-            while self._queue and None in self._slots:
+            while self._queue:
                 request = self._queue.popleft()
                 if request.cancelled:
                     expired.append(request)
                     continue
-                slot = self._slots.index(None)
-                self._slots[slot] = request
-                admitted.append((slot, request))
+                prompt = request.input_ids[0].tolist()
+                seq = EngineSequence(request, list(prompt), len(prompt))
+                if request._image_digest is not None and self.runner.image_token_id in prompt:
+                    seq.image_starts[prompt.index(self.runner.image_token_id)] = request._image_digest
+                sched.waiting.append(seq)
+            self._active = len(sched.running)
         for request in expired:
             error = "the server shut down before the request finished" if self._stopping else None
-            self._finish(request, "cancelled", slot=None, error=error)
-        return None if exit_now else admitted
+            self._finish(request, "cancelled", error=error)
+        return not exit_now
 
-    def _prefill(self, slot: int, request: EngineRequest) -> None:
-        row = self.cache.row(slot)
-        row.seq_lens.zero_()
-        inputs = dict(request.model_inputs)
-        if inputs.get("pixel_values") is not None:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.device, self.dtype)
+    def _drop_cancelled(self) -> None:
+        sched = self.scheduler
+        for seq in [*sched.running, *sched.waiting]:
+            if seq.request.cancelled:
+                if seq in sched.waiting:
+                    sched.waiting.remove(seq)
+                self._finish(seq.request, "cancelled", seq)
+
+    def _prefill(self, seq: EngineSequence, end: int) -> None:
+        request = seq.request
+        if seq.num_computed == seq.cached_tokens and seq.preemptions == 0:
+            request.cached_prompt_tokens = seq.cached_tokens
+            self.counters["cached_prompt_tokens"] += seq.cached_tokens
+        all_logits = request.prompt_logprobs is not None
         try:
-            logits = prefill(self.model, request.input_ids.to(self.device), row, **inputs)  # [1, V]
-            # checked before sampling (multinomial refuses NaN); the fp32 sum is NaN / Inf iff the row holds one
-            finite = math.isfinite(logits.sum(dtype=torch.float32).item())
-            token = int(sample_next_token(logits, request.sampling, request._generator)[0]) if finite else -1
+            logits = self.runner.prefill(seq, end, all_logits=all_logits)
         except Exception as e:  # a bad request must not take the server down
             log.exception("prefill failed")
-            self._finish(request, "error", slot, error=f"{type(e).__name__}: {e}")
+            self._finish(request, "error", seq, error=f"{type(e).__name__}: {e}")
             return
-        if not finite:
+        n = end - seq.num_computed
+        self.scheduler.computed(seq, n)
+        self.counters["prefill_tokens"] += n
+        self.counters["prefill_chunks"] += 1
+        if end < len(seq.token_ids):
+            return  # more chunks to come
+        last = logits[-1:] if all_logits else logits  # [1, V]
+        if not torch.isfinite(last.sum(dtype=torch.float32)).item():
             log.warning("request stopped: non-finite logits at its prefill")
-            self._fail_nonfinite(slot, request, step=0)
+            self._fail_nonfinite(seq, step=len(request.tokens))
             return
-        self.counters["prefill_tokens"] += request.prompt_tokens
-        self._accept_token(slot, request, token)
+        self._pick([seq], last)
 
-    def _decode_step(self) -> None:
-        busy = [r is not None for r in self._slots]
-        idle = torch.tensor([not b for b in busy], device=self.device)
-        self.cache.seq_lens.masked_fill_(idle, 0)  # park free rows: slot 0 of their own row only
-        tokens = torch.tensor(self._next_token, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
+    def _decode(self, seqs: list[EngineSequence]) -> None:
         try:
-            logits = self._decode(self.model, tokens, self.cache)  # [B, V]
-            # argmax and each row's non-finite flag, read back together (the step's one host sync)
-            nonfinite = ~torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))  # [B]
-            greedy, bad = torch.stack([logits.argmax(dim=-1), nonfinite.long()]).tolist()
-            chosen = {}
-            for slot, request in enumerate(self._slots):
-                if request is None:
-                    continue
-                if bad[slot]:
-                    log.warning("request in slot %d stopped: non-finite logits", slot)
-                    self._fail_nonfinite(slot, request, step=len(request.tokens))
-                    continue
-                if request.sampling.temperature == 0:
-                    chosen[slot] = greedy[slot]
-                else:
-                    chosen[slot] = int(sample_next_token(logits[slot:slot + 1], request.sampling,
-                                                         request._generator)[0])
+            logits = self.runner.decode(seqs)  # [n, V]
+            nonfinite = (~torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))).tolist()
         except Exception as e:
             log.exception("decode step failed")
-            for slot, request in enumerate(self._slots):
-                if request is not None:
-                    self._finish(request, "error", slot, error=f"{type(e).__name__}: {e}")
+            for seq in seqs:
+                self._finish(seq.request, "error", seq, error=f"{type(e).__name__}: {e}")
             return
         self.counters["decode_steps"] += 1
-        for slot, token in chosen.items():
-            self._accept_token(slot, self._slots[slot], token)
+        healthy, rows = [], []
+        for i, seq in enumerate(seqs):
+            self.scheduler.computed(seq, 1)
+            if nonfinite[i]:
+                log.warning("a request stopped: non-finite logits")
+                self._fail_nonfinite(seq, step=len(seq.request.tokens))
+            else:
+                healthy.append(seq)
+                rows.append(i)
+        if healthy:
+            self._pick(healthy, logits[rows] if len(rows) != len(seqs) else logits)
 
-    def _accept_token(self, slot: int, request: EngineRequest, token: int) -> None:
+    def _pick(self, seqs: list[EngineSequence], logits: torch.Tensor) -> None:
+        """THE place where tokens are chosen: one row of ``logits`` [n, V] per sequence."""
+        greedy = None
+        for i, seq in enumerate(seqs):
+            request = seq.request
+            if request.sampling.temperature == 0:
+                if greedy is None:
+                    greedy = logits.argmax(dim=-1).tolist()
+                token = greedy[i]
+            else:
+                token = int(sample_next_token(logits[i:i + 1], request.sampling, request._generator)[0])
+            self._accept_token(seq, token)
+
+    def _accept_token(self, seq: EngineSequence, token: int, event: EngineEvent | None = None) -> None:
+        request = seq.request
         if request.thinking_budget is not None:
             token = request.thinking_budget(token)  # a forced </think> or separator replaces the sample
         request.tokens.append(token)
+        seq.token_ids.append(token)
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         self.counters["generated_tokens"] += 1
-        self._emit(request, EngineEvent("token", token=token))
+        event = event or EngineEvent("token")
+        event.token = token
+        self._emit(request, event)
         stop_ids = self.eos_token_ids if request.stop_token_ids is None else request.stop_token_ids
         if token in stop_ids:
-            self._finish(request, "stop", slot)
+            self._finish(request, "stop", seq)
         elif len(request.tokens) >= request.max_new_tokens:
-            self._finish(request, "length", slot)
+            self._finish(request, "length", seq)
         elif request.cancelled:
-            self._finish(request, "cancelled", slot)
-        else:
-            self._next_token[slot] = token
+            self._finish(request, "cancelled", seq)
 
-    def _fail_nonfinite(self, slot: int, request: EngineRequest, step: int) -> None:
-        """Finish ``request`` with "error" and zero its cache row: the next request in the slot masks those
-        positions out, but a masked NaN still poisons attention (0 * NaN)."""
-        self.cache.k[:, slot].zero_()
-        self.cache.v[:, slot].zero_()
-        self._finish(request, "error", slot, error=_nonfinite_error(step))
+    def _fail_nonfinite(self, seq: EngineSequence, step: int) -> None:
+        """Finish with "error"; zero the blocks only this request holds (a masked NaN poisons attention, 0 * NaN)
+        and keep them out of the prefix cache."""
+        private = [b for b in seq.blocks if self.pool.ref_count[b] == 1]
+        self.cache.zero_blocks(private)
+        self._finish(seq.request, "error", seq, error=_nonfinite_error(step), forget=True)
 
-    def _drop_cancelled(self) -> None:
-        for slot, request in enumerate(self._slots):
-            if request is not None and request.cancelled:
-                self._finish(request, "cancelled", slot)
-
-    def _finish(self, request: EngineRequest, reason: str, slot: int | None, error: str | None = None) -> None:
-        if slot is not None:
-            with self._cond:
-                if self._slots[slot] is request:
-                    self._slots[slot] = None
-                    self._next_token[slot] = self.pad_token_id
+    def _finish(self, request: EngineRequest, reason: str, seq: EngineSequence | None = None,
+                error: str | None = None, forget: bool = False) -> None:
+        if seq is not None:
+            self.scheduler.release(seq, forget=forget)
+            self._publish_active()  # before the finish event: a listener may read stats() at once
         if request.finish_reason is not None:
             return
         request.finish_reason, request.finished_at = reason, time.perf_counter()
