@@ -3,13 +3,17 @@ parity, what r4b_core/__init__.py may import) hold for the source tree, and each
 violating import is added.
 
 Both run ``lint-imports`` (import-linter) in a subprocess with the tree's root as the working directory,
-so the tree there is what is analysed (import-linter puts the working directory first on sys.path).
+so the tree there is what is analysed (import-linter puts the working directory first on sys.path). The
+planted imports all go into one copy of the tree, checked by one run: each must be named, with its line,
+in the report of the contract it breaks.
 """
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,25 +65,46 @@ VIOLATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tree_copy(tmp_path_factory) -> Path:
-    """The three packages and .importlinter, copied (sources only) to a fresh directory."""
+def planted_report(tmp_path_factory) -> tuple[str, dict[tuple[str, str], int]]:
+    """(lint-imports' report, {(file, planted import): its line number}) for a copy of the three packages and
+    .importlinter (sources only) with every import of ``VIOLATIONS`` appended to its file: one run of
+    lint-imports for all of them."""
     root = tmp_path_factory.mktemp("tree")
     for package in PACKAGES:
         shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy(ROOT / ".importlinter", root / ".importlinter")
-    return root
+    line_of = {}
+    for _, path, line in VIOLATIONS:
+        target = root / path
+        text = target.read_text(encoding="utf-8").rstrip("\n") + f"\n{line}  # injected by tests/test_layering.py\n"
+        target.write_text(text, encoding="utf-8")
+        line_of[path, line] = text.count("\n")
+    result = lint_imports(root)
+    report = result.stdout + result.stderr
+    assert result.returncode != 0, report
+    return report, line_of
+
+
+def _contract_section(report: str, contract: str) -> str:
+    """The part of the report that details the broken ``contract`` (named by its id in .importlinter)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".importlinter")
+    title = config[f"importlinter:contract:{contract}"]["name"]
+    details = report.split("Broken contracts", 1)[1]
+    assert f"\n{title}\n" in details, f"contract {contract!r} ({title}) is not reported broken:\n{report}"
+    section = details.split(f"\n{title}\n", 1)[1]
+    titles = [config[s]["name"] for s in config.sections() if s.startswith("importlinter:contract:")]
+    ends = [section.index(f"\n{t}\n") for t in titles if t != title and f"\n{t}\n" in section]
+    return section[:min(ends, default=len(section))]
 
 
 @pytest.mark.parametrize("contract, path, line", VIOLATIONS, ids=[f"{c}:{p}:{l}" for c, p, l in VIOLATIONS])
-def test_a_violating_import_breaks_its_contract(tree_copy, contract, path, line):
-    target = tree_copy / path
-    original = target.read_text(encoding="utf-8")
-    target.write_text(original + f"\n{line}  # injected by tests/test_layering.py\n", encoding="utf-8")
-    try:
-        result = lint_imports(tree_copy, contract)
-    finally:
-        target.write_text(original, encoding="utf-8")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0 and "1 broken" in output, f"{contract!r} did not catch `{line}` in {path}:\n{output}"
+def test_a_violating_import_breaks_its_contract(planted_report, contract, path, line):
+    """Each planted import is named, by module and line, in the report of the contract it breaks."""
+    report, line_of = planted_report
+    section = _contract_section(report, contract)
     importer = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-    assert importer in output, output  # the report names the offending module
+    imported = line.split()[1]  # "import X" / "from X import Y"
+    edge = re.compile(rf"^[\s-]*{re.escape(importer)} -> {re.escape(imported)} \((l\.\d+, )*l\.{line_of[path, line]}[,)]",
+                      re.M)
+    assert edge.search(section), f"{contract!r} did not report `{line}` in {path}:\n{section}"
