@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from r4b_core.generation.generate import NonFiniteLogitsError, check_lengths, sample_next_token
+from r4b_core.generation.generate import NonFiniteLogitsError, check_lengths
 from r4b_core.generation.thinking_budget import ThinkingBudget
 from r4b_core.generation_config import SamplingParams
 from r4b_core.models.paged_kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_bytes_per_token
@@ -52,6 +52,7 @@ from r4b_core.serve.block_pool import BlockPool
 from r4b_core.serve.model_runner import ModelRunner, image_digest
 from r4b_core.serve.scheduler import Scheduler
 from r4b_core.serve.scheduler import Sequence as EngineSequence
+from r4b_core.serve.token_picker import pick_tokens, prompt_logprobs_of
 
 log = logging.getLogger("r4b.serve")
 
@@ -365,6 +366,8 @@ class Engine:
         self.scheduler.computed(seq, n)
         self.counters["prefill_tokens"] += n
         self.counters["prefill_chunks"] += 1
+        if all_logits and not request.tokens:
+            seq.prompt_logits.append(logits)  # [T_chunk, V]
         if end < len(seq.token_ids):
             return  # more chunks to come
         last = logits[-1:] if all_logits else logits  # [1, V]
@@ -372,7 +375,18 @@ class Engine:
             log.warning("request stopped: non-finite logits at its prefill")
             self._fail_nonfinite(seq, step=len(request.tokens))
             return
-        self._pick([seq], last)
+        self._pick([seq], last, first_event=self._prompt_logprobs_event(seq))
+
+    @staticmethod
+    def _prompt_logprobs_event(seq: EngineSequence) -> EngineEvent | None:
+        """The first token event carrying the prompt's log-probabilities (request.prompt_logprobs set)."""
+        if not seq.prompt_logits:
+            return None
+        logits = torch.cat(seq.prompt_logits)  # [T, V]
+        seq.prompt_logits = []
+        ids = torch.tensor(seq.token_ids[:seq.prompt_len])
+        logprobs, top = prompt_logprobs_of(logits[:seq.prompt_len], ids, seq.request.prompt_logprobs)
+        return EngineEvent("token", prompt_logprobs=logprobs, prompt_top_logprobs=top)
 
     def _decode(self, seqs: list[EngineSequence]) -> None:
         try:
@@ -396,18 +410,15 @@ class Engine:
         if healthy:
             self._pick(healthy, logits[rows] if len(rows) != len(seqs) else logits)
 
-    def _pick(self, seqs: list[EngineSequence], logits: torch.Tensor) -> None:
-        """THE place where tokens are chosen: one row of ``logits`` [n, V] per sequence."""
-        greedy = None
-        for i, seq in enumerate(seqs):
-            request = seq.request
-            if request.sampling.temperature == 0:
-                if greedy is None:
-                    greedy = logits.argmax(dim=-1).tolist()
-                token = greedy[i]
-            else:
-                token = int(sample_next_token(logits[i:i + 1], request.sampling, request._generator)[0])
-            self._accept_token(seq, token)
+    def _pick(self, seqs: list[EngineSequence], logits: torch.Tensor, first_event: EngineEvent | None = None) -> None:
+        """THE place where tokens are chosen: one row of ``logits`` [n, V] per sequence, through
+        serve/token_picker.py (thinking-budget forcing, logits processors, min tokens, sampling, logprobs).
+        ``first_event``: a prefilled event for a single sequence's first token (its prompt logprobs)."""
+        picks = pick_tokens(logits, [s.request for s in seqs], self.eos_token_ids)
+        for seq, pick in zip(seqs, picks):
+            event = first_event or EngineEvent("token")
+            event.logprob, event.top_logprobs = pick.logprob, pick.top_logprobs
+            self._accept_token(seq, pick.token, event)
 
     def _accept_token(self, seq: EngineSequence, token: int, event: EngineEvent | None = None) -> None:
         request = seq.request

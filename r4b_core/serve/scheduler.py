@@ -43,6 +43,7 @@ class Sequence:
     registered: int = 0  # full blocks already offered to the prefix cache
     preemptions: int = 0
     cached_tokens: int = 0  # prompt positions found in the prefix cache at the last admission
+    prompt_logits: list = field(default_factory=list)  # per-chunk logits [T_chunk, V] (prompt_logprobs only)
 
     @property
     def pending(self) -> int:
@@ -79,6 +80,8 @@ class Scheduler:
     def _try_admit(self, seq: Sequence) -> bool:
         # the last token is never taken from the cache: its logits are what the prefill is for
         full = (len(seq.token_ids) - 1) // self.block_size
+        if getattr(seq.request, "prompt_logprobs", None) is not None:
+            full = 0  # every prompt position's logits are wanted: nothing may be skipped
         hit = self.pool.match(self._hashes(seq)[:full])
         need = blocks_for_tokens(len(seq.token_ids), self.block_size) - len(hit)
         if need > self.pool.num_free:
@@ -108,6 +111,7 @@ class Scheduler:
         victim = victims[-1]
         self.release(victim)
         victim.num_computed, victim.preemptions = 0, victim.preemptions + 1
+        victim.prompt_logits = []
         self.preemptions += 1
         self.waiting.appendleft(victim)
         return victim
