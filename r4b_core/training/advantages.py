@@ -51,7 +51,7 @@ def token_weights(mask: torch.Tensor, aggregation: str = "sequence", constant_le
     (default: R, the step's widest response)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}; got {aggregation!r}.")
-    mask = mask.float()
+    mask = mask if mask.is_floating_point() else mask.float()
     n = mask.shape[0]
     if aggregation == "sequence":
         lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)  # [N, 1]
