@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from r4b_core.config import R4BConfig
 from r4b_core.models.projector import PRE_NORM_EPS, projector_input_size
+from r4b_core.reference.parity_report import TOLERANCES, ParityReport, Stage
 
 NO_DOWNSCALE_ASPECT_RATIO = "anyres_max_1000000000"
 
@@ -191,70 +192,6 @@ def reference_image_processor(checkpoint_dir: str | Path):
     return ImageProcessor.from_pretrained(str(checkpoint_dir))
 
 
-@dataclass
-class Stage:
-    name: str
-    max_abs_diff: float
-    tolerance: float
-    skipped: str | None = None  # why the reference could not give this stage (remote code only)
-
-    @property
-    def passed(self) -> bool:
-        return self.skipped is not None or self.max_abs_diff <= self.tolerance  # NaN never passes
-
-    def as_dict(self) -> dict:
-        d = {"name": self.name, "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance, "passed": self.passed}
-        if self.skipped:
-            d["skipped"] = self.skipped
-        return d
-
-
-@dataclass
-class ParityReport:
-    checkpoint: str
-    dtype: str
-    stages: list[Stage]
-
-    @property
-    def passed(self) -> bool:
-        return all(s.passed for s in self.stages)
-
-    @property
-    def first_divergence(self) -> str | None:
-        return next((s.name for s in self.stages if not s.passed), None)
-
-    @property
-    def logits_max_abs_diff(self) -> float:
-        return next(s.max_abs_diff for s in self.stages if s.name == "logits")
-
-    def as_dict(self) -> dict:
-        return {"passed": self.passed, "checkpoint": self.checkpoint, "dtype": self.dtype,
-                "first_divergence": self.first_divergence, "logits_max_abs_diff": self.logits_max_abs_diff,
-                "stages": [s.as_dict() for s in self.stages]}
-
-    def table(self) -> str:
-        lines = [f"{'stage':<28} {'max abs diff':>14} {'tolerance':>11}  result"]
-        for s in self.stages:
-            if s.skipped:
-                value = "n/a" if s.max_abs_diff != s.max_abs_diff else f"{s.max_abs_diff:.3e}"  # NaN: n/a
-                lines.append(f"{s.name:<28} {value:>14} {s.tolerance:>11.1e}  skipped: {s.skipped}")
-                continue
-            lines.append(f"{s.name:<28} {s.max_abs_diff:>14.3e} {s.tolerance:>11.1e}  {'ok' if s.passed else 'FAIL'}")
-        verdict = "PASSED: every stage within tolerance" if self.passed else (
-            f"FAILED: first divergence at '{self.first_divergence}'")
-        return "\n".join(lines + [verdict])
-
-
-# Tolerances per compute dtype: (activations, logits). Pixel values and greedy tokens must be exact.
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 2.5e-1), torch.float16: (1e-2, 5e-2)}
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
     """``model.<path>`` (dotted), or None where a remote-code reference names its parts differently."""
     for name in path.split("."):
@@ -349,7 +286,9 @@ def run_parity(
     Both models get the same pixel values and ids. Each side runs its vision tower once: one traced
     forward gives every stage up to the logits, and greedy decoding starts from that forward's input
     embeddings. ``ours`` may be passed in (e.g. a deliberately perturbed model; it stays where it is,
-    otherwise both models are built on ``device``).
+    otherwise both models are built on ``device``). Each stage counts the NaN / Inf values on both sides:
+    a checkpoint holding a non-finite tensor gives the whole table with the stage where they first appear
+    as the first divergence (greedy decoding is then not run: it would stop at the first token).
 
     With ``trust_remote_code`` the reference is the checkpoint's own modelling code; intermediate
     stages it does not expose under LLaVA-OneVision's module names are reported as skipped, while
@@ -357,13 +296,11 @@ def run_parity(
     decodes from ids and pixels, running its vision tower a second time). ``max_image_pixels``: the
     processor's image size limit (None: its default, PIL's).
     """
-    from r4b_core.generation.generate import generate
     from r4b_core.models.r4b import R4BForConditionalGeneration
     from r4b_core.processing.processor import R4BProcessor
     from r4b_core.reference.synthetic import synthetic_picture
 
     directory = Path(checkpoint_dir)
-    act_tol, logit_tol = TOLERANCES[dtype]
     if ours is None:
         ours = R4BForConditionalGeneration.from_pretrained(directory, dtype=dtype, device=device)
     device = next(ours.parameters()).device
@@ -374,11 +311,9 @@ def run_parity(
     image = image if image is not None else synthetic_picture(640, 480, seed=0)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     inputs = processor(messages=messages, images=[image])
-    ids, sizes = inputs["input_ids"], inputs["image_sizes"]
-    pixels = inputs["pixel_values"]
-
+    ids, sizes, pixels = inputs["input_ids"], inputs["image_sizes"], inputs["pixel_values"]
     theirs = reference_image_processor(directory)(images=[image], return_tensors="pt")["pixel_values"]
-    stages = [Stage("pixel_values", _max_diff(pixels, theirs), 0.0)]
+    stages = [Stage.compared("pixel_values", pixels, theirs, 0.0)]
 
     ids, pixels = ids.to(device), pixels.to(device, dtype)
     ours_trace = traced_forward(ours, ours.multi_modal_projector, ours.language_model.model.layers,
@@ -386,7 +321,17 @@ def run_parity(
     ref_trace = traced_forward(ref, _submodule(ref, "model.multi_modal_projector"),
                                _submodule(ref, "model.language_model.layers"),
                                input_ids=ids, pixel_values=pixels, image_sizes=sizes)
-    image_token = ours.config.image_token_index
+    stages += activation_stages(ours_trace, ref_trace, ids, ours.config.image_token_index, TOLERANCES[dtype],
+                                trust_remote_code)
+    stages.append(greedy_stage(ours, ref, ours_trace, ref_trace, ids, pixels, sizes, processor, greedy_tokens,
+                               dtype))
+    return ParityReport(str(directory), str(dtype).removeprefix("torch."), stages)
+
+
+def activation_stages(ours: ForwardTrace, ref: ForwardTrace, ids: torch.Tensor, image_token: int,
+                      tolerances: tuple[float, float], trust_remote_code: bool) -> list[Stage]:
+    """The stages from the vision features to the logits, from the two traced forwards."""
+    act_tol, logit_tol = tolerances
 
     def compare(name: str, a: torch.Tensor | None, b: torch.Tensor | None, tol: float, missing: str) -> Stage:
         if b is None:
@@ -397,22 +342,32 @@ def run_parity(
                                  f"{transformers.__version__} names its modules differently from what parity.py "
                                  "expects.")
             return Stage(name, float("nan"), tol, skipped=f"remote code: no {missing}")
-        return Stage(name, _max_diff(a, b), tol)
+        return Stage.compared(name, a, b, tol)
 
     no_projector, no_layers = "model.multi_modal_projector", "model.language_model.layers"
-    stages += [
-        compare("vision_features", ours_trace.vision_features, ref_trace.vision_features, act_tol, no_projector),
-        compare("projected_features", ours_trace.projected_features, ref_trace.projected_features, act_tol,
-                no_projector),
-        compare("packed_features", ours_trace.packed_features(ids, image_token),
-                ref_trace.packed_features(ids, image_token), act_tol, no_layers),
-        compare("input_embeddings", ours_trace.input_embeddings, ref_trace.input_embeddings, act_tol, no_layers),
+    stages = [
+        compare("vision_features", ours.vision_features, ref.vision_features, act_tol, no_projector),
+        compare("projected_features", ours.projected_features, ref.projected_features, act_tol, no_projector),
+        compare("packed_features", ours.packed_features(ids, image_token), ref.packed_features(ids, image_token),
+                act_tol, no_layers),
+        compare("input_embeddings", ours.input_embeddings, ref.input_embeddings, act_tol, no_layers),
     ]
-    for i, a in enumerate(ours_trace.layer_outputs):
-        b = ref_trace.layer_outputs[i] if i < len(ref_trace.layer_outputs) else None
+    for i, a in enumerate(ours.layer_outputs):
+        b = ref.layer_outputs[i] if i < len(ref.layer_outputs) else None
         stages.append(compare(f"decoder_layer_{i}", a, b, act_tol * (1 + i), no_layers))
-    stages.append(Stage("logits", _max_diff(ours_trace.logits, ref_trace.logits), logit_tol))
+    stages.append(Stage.compared("logits", ours.logits, ref.logits, logit_tol))
+    return stages
 
+
+def greedy_stage(ours: nn.Module, ref: nn.Module, ours_trace: ForwardTrace, ref_trace: ForwardTrace,
+                 ids: torch.Tensor, pixels: torch.Tensor, sizes, processor, greedy_tokens: int,
+                 dtype: torch.dtype) -> Stage:
+    """Greedy continuations of both models from the traced prompt; the stage counts differing tokens."""
+    from r4b_core.generation.generate import generate
+
+    last_logits = [t.logits[:, -1] for t in (ours_trace, ref_trace) if t.logits is not None]
+    if any(not torch.isfinite(t).all() for t in last_logits):
+        return Stage("greedy_tokens", float("nan"), 0.0, note="not run: the prompt's last logits hold NaN or Inf")
     eos = processor.eos_token_ids
     ours_tokens = generate(_PromptEmbeddingsFirst(ours, ours_trace.input_embeddings), ids,
                            max_new_tokens=greedy_tokens, eos_token_ids=eos).tokens[0]
@@ -425,6 +380,4 @@ def run_parity(
     # In 16-bit, rounding differences of either side's kernels flip near-tied argmaxes and the two
     # continuations then part ways: the count is shown but only float32 asks for equality.
     skipped = None if dtype == torch.float32 else "informational in 16-bit; compare tokens in float32"
-    stages.append(Stage("greedy_tokens", float(mismatches), 0.0, skipped=skipped))
-    return ParityReport(str(directory), str(dtype).removeprefix("torch."), stages)
-
+    return Stage("greedy_tokens", float(mismatches), 0.0, skipped=skipped)
