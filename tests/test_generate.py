@@ -11,7 +11,8 @@ import torch
 from conftest import picture
 
 from r4b_core.models.anyres import num_image_tokens
-from r4b_core.generation.chat import ChatStream, TextStreamer, chat, chat_batch, split_thinking
+from r4b_core.generation.chat import ChatStream, chat, chat_batch, split_thinking
+from r4b_core.generation.sections import TextStreamer
 from r4b_core.generation.generate import decode_tokens_per_s, generate, prepare_generation, sample_next_token
 from r4b_core.generation_config import GenerationConfig, SamplingParams
 from r4b_core.processing.image_processing import ImageProcessorConfig, preprocess_images

@@ -3,8 +3,7 @@
     messages, images ──R4BProcessor──► input_ids, pixel_values, ...
       ──generate.prepare_generation (eos / pad / sampling: argument, else generation_config.json,
                                       else the tokenizer's / greedy)──► generate.GenerationStream
-      ──each token──► section ("thinking" while inside <think>...</think>, else "answer")
-                      ──TextStreamer (UTF-8-safe)──► (section, text delta)
+      ──each token──► sections.SectionStreamer: ("thinking" | "answer", UTF-8-safe text delta)
       ──at the end──► ChatResult: text, split_thinking(text), finish reason, timings
 
 ``ChatStream`` streams one conversation; ``chat`` drains a ChatStream; ``chat_batch`` runs several
@@ -15,7 +14,7 @@ opened ``<think>``, so the output starts inside the thinking.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from r4b_core.generation.generate import (
     prepare_generation,
 )
 from r4b_core.generation_config import GenerationConfig, SamplingParams
+from r4b_core.generation.sections import SectionStreamer
 from r4b_core.processing.processor import THINK_END, THINK_START, R4BProcessor
 from r4b_core.generation.thinking_budget import thinking_budget_for
 
@@ -50,32 +50,6 @@ def split_thinking(text: str) -> tuple[str | None, str]:
     if end != -1:
         return text[:end].strip(), text[end + len(THINK_END):].strip()
     return None, text
-
-
-class TextStreamer:
-    """Turns a growing token list into UTF-8-safe text deltas.
-
-    Byte-level BPE can split one character over several tokens; until the last character is
-    complete the decoded text ends in U+FFFD, and that tail is held back.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self.decode = decode
-        self.ids: list[int] = []
-        self.emitted = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.emitted = text[self.emitted:], len(text)
-        return delta
-
-    def flush(self) -> str:
-        text = self.decode(self.ids)
-        delta, self.emitted = text[self.emitted:], len(text)
-        return delta
 
 
 @dataclass
@@ -147,24 +121,16 @@ class ChatStream:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         tokenizer = self.processor.tokenizer
-        think_start, think_end = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
-        section = "thinking" if self.thinking_mode == "long" else "answer"
-        streams = {"thinking": TextStreamer(self.processor.decode), "answer": TextStreamer(self.processor.decode)}
+        sections = SectionStreamer(self.processor.decode, tokenizer.token_to_id(THINK_START),
+                                   tokenizer.token_to_id(THINK_END), in_thinking=self.thinking_mode == "long")
         budget = self.thinking_budget
         token_filter = None if budget is None else (lambda t: torch.tensor([budget(int(t[0]))], device=t.device))
         generation = GenerationStream(self.model, self.prepared, max_new_tokens=self.max_new_tokens,
                                       compile=self.compile, attention_backend=self.attention_backend,
                                       token_filter=token_filter)
         for (token,) in generation:  # one sequence: never None (the loop ends when it finishes)
-            if token == think_start:
-                section = "thinking"
-            elif token == think_end:
-                section = "answer"
-            elif delta := streams[section].push(token):
-                yield section, delta
-        for name, stream in streams.items():
-            if delta := stream.flush():
-                yield name, delta
+            yield from sections.push(token)
+        yield from sections.finish()
         self.result = _chat_result(self.processor, generation.output, 0, self.thinking_mode)
 
 

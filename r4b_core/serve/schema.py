@@ -1,25 +1,26 @@
-"""The OpenAI chat-completions schema: request validation and the response, chunk and error objects.
+"""The OpenAI request schema: validation of chat-completions bodies and of the fields chat and
+``/v1/completions`` share (completions.py parses the rest of its own).
 
-``parse_chat_request(body)`` turns a decoded JSON body into a ``ChatRequest`` or raises ``APIError``
-(status, message naming the field, OpenAI's ``type`` / ``param`` / ``code``). Accepted:
+``parse_chat_request(body, max_n)`` turns a decoded JSON body into a ``ChatRequest`` or raises
+``APIError`` (status, message naming the field, OpenAI's ``type`` / ``param`` / ``code``). Accepted:
 
     model, messages (roles system | developer | user | assistant; content a string or a list of
     {"type": "text", "text"} and {"type": "image_url", "image_url": {"url"}} parts, images in user
-    messages only), max_tokens | max_completion_tokens, temperature, top_p, top_k, seed, stop, stream,
-    stream_options.include_usage, n (1 only), chat_template_kwargs.thinking_mode (or enable_thinking),
-    max_thinking_tokens, and two of vLLM's extensions: return_token_ids (the generated ids in the
-    choice; in a stream, on the last chunk) and ignore_eos (generate max_tokens tokens, for load tests)
+    messages only), max_tokens | max_completion_tokens, temperature, top_p, top_k, seed (int64),
+    stop, stop_token_ids, min_tokens, n (1..max_n), stream, stream_options.include_usage,
+    logprobs + top_logprobs (0..20), response_format (text | json_object | json_schema),
+    chat_template_kwargs.thinking_mode (or enable_thinking), thinking_token_budget (vLLM's name; r4b's
+    max_thinking_tokens is the same field), include_reasoning, return_token_ids, ignore_eos
 
-Fields that would change the output but are not implemented (tools, logprobs, penalties, logit_bias,
-a JSON response_format) are refused rather than ignored; other unknown fields are ignored, as
-OpenAI-compatible servers do.
+Fields that would change the output but are not implemented (tools, penalties, logit_bias, prompt
+logprobs in chat, vLLM's guided-decoding fields, ...) are refused rather than ignored; other unknown
+fields (user, metadata, ...) are ignored, as OpenAI-compatible servers do. The response objects are
+in responses.py.
 """
 
 from __future__ import annotations
 
 import math
-import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from r4b_core.json_io import is_int
 
 ROLES = ("system", "developer", "user", "assistant")
 THINKING_MODES = ("auto", "long", "short")
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (and vLLM's default --max-logprobs)
 
 
 class APIError(Exception):
@@ -55,42 +58,67 @@ class ImageRef:
 
 
 @dataclass
+class ResponseFormat:
+    """``response_format``: "text" (no constraint), "json_object" (any JSON object) or "json_schema"."""
+
+    type: str = "text"
+    schema: dict[str, Any] | None = None  # json_schema's schema
+
+
+@dataclass
+class SamplingFields:
+    """The fields chat and completions share: how many tokens, how they are picked, when to stop."""
+
+    max_tokens: int | None = None  # None: the rest of the context
+    temperature: float | None = None  # None: the server's default (the checkpoint's generation_config)
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None  # int64; mapped to 0..2**64-1 for torch.Generator
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids besides eos
+    min_tokens: int = 0
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    return_token_ids: bool = False
+    ignore_eos: bool = False
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
+
+
+@dataclass
 class ChatRequest:
     messages: list[dict[str, Any]]  # the processor's form: content lists with {"type": "image"} placeholders
     images: list[ImageRef]  # in placeholder order
+    sampling: SamplingFields = field(default_factory=SamplingFields)
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
     thinking_mode: str | None = None  # None: the server's default
     max_thinking_tokens: int | None = None  # None: the server's default
-    return_token_ids: bool = False
-    ignore_eos: bool = False
+    include_reasoning: bool = True  # False: reasoning_content is left out (the thinking still happens)
 
 
 # ---------------------------------------------------------------------------------------------
 # typed field readers
 
 
-def _int(body: Mapping, key: str, minimum: int | None = None) -> int | None:
+def read_int(body: Mapping, key: str, minimum: int | None = None, maximum: int | None = None,
+             prefix: str = "") -> int | None:
     v = body.get(key)
     if v is None:
         return None
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not is_int(v):
-        raise invalid(key, f"expected an integer, got {type(v).__name__} {v!r}.")
+        raise invalid(prefix + key, f"expected an integer, got {type(v).__name__} {v!r}.")
     if minimum is not None and v < minimum:
-        raise invalid(key, f"must be at least {minimum}, got {v}.")
-    return v
+        raise invalid(prefix + key, f"must be at least {minimum}, got {v}.")
+    if maximum is not None and v > maximum:
+        raise invalid(prefix + key, f"must be at most {maximum}, got {v}.")
+    return int(v)
 
 
-def _number(body: Mapping, key: str, low: float, high: float, low_open: bool = False) -> float | None:
+def read_number(body: Mapping, key: str, low: float, high: float, low_open: bool = False) -> float | None:
     v = body.get(key)
     if v is None:
         return None
@@ -102,7 +130,7 @@ def _number(body: Mapping, key: str, low: float, high: float, low_open: bool = F
     return float(v)
 
 
-def _bool(body: Mapping, key: str, prefix: str = "") -> bool | None:
+def read_bool(body: Mapping, key: str, prefix: str = "") -> bool | None:
     v = body.get(key)
     if v is None:
         return None
@@ -111,7 +139,7 @@ def _bool(body: Mapping, key: str, prefix: str = "") -> bool | None:
     return v
 
 
-def _object(body: Mapping, key: str) -> Mapping | None:
+def read_object(body: Mapping, key: str) -> Mapping | None:
     v = body.get(key)
     if v is None:
         return None
@@ -120,61 +148,78 @@ def _object(body: Mapping, key: str) -> Mapping | None:
     return v
 
 
+def _int_list(body: Mapping, key: str) -> list[int]:
+    v = body.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(is_int(i) and i >= 0 for i in v):
+        raise invalid(key, f"expected a list of token ids (integers >= 0), got {v!r}.")
+    return [int(i) for i in v]
+
+
 # ---------------------------------------------------------------------------------------------
-# the request
+# shared fields
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate a decoded JSON body (see the module docstring); raises APIError(400, ...) naming the field."""
-    if not isinstance(body, Mapping):
-        raise invalid("", f"the request body must be a JSON object, got {type(body).__name__}.")
-    _refuse_unsupported(body)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise invalid("model", f"expected a string, got {type(model).__name__}.")
-    messages, images = _parse_messages(body.get("messages"))
-    n = _int(body, "n", minimum=1)
-    if n is not None and n != 1:
-        raise invalid("n", f"only n=1 is supported (one choice per request), got {n}; send {n} requests instead.")
-    max_tokens = _int(body, "max_completion_tokens", minimum=1)
+def parse_sampling_fields(body: Mapping, max_n: int, min_max_tokens: int = 1) -> SamplingFields:
+    """The shared fields of ``body`` (see SamplingFields); ``min_max_tokens`` 0 for completions' echo."""
+    refuse_unsupported(body)
+    max_tokens = read_int(body, "max_completion_tokens", minimum=min_max_tokens)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", minimum=1)
-    top_k = _int(body, "top_k", minimum=-1)
-    stream = bool(_bool(body, "stream"))
-    options = _object(body, "stream_options")
+        max_tokens = read_int(body, "max_tokens", minimum=min_max_tokens)
+    min_tokens = read_int(body, "min_tokens", minimum=0) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise invalid("min_tokens", f"must be at most max_tokens ({max_tokens}), got {min_tokens}.")
+    top_k = read_int(body, "top_k", minimum=-1)
+    stream = bool(read_bool(body, "stream"))
+    options = read_object(body, "stream_options")
     if options is not None and not stream:
         raise invalid("stream_options", "only allowed when stream is true.")
-    include_usage = bool(_bool(options, "include_usage", "stream_options.") if options else False)
-    thinking_mode = _thinking_mode(_object(body, "chat_template_kwargs"))
-    return ChatRequest(
-        messages=messages, images=images, model=model, max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0), top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
-        top_k=None if top_k is None else max(top_k, 0), seed=_int(body, "seed"), stop=_stop(body.get("stop")),
-        stream=stream, include_usage=include_usage, thinking_mode=thinking_mode,
-        max_thinking_tokens=_int(body, "max_thinking_tokens", minimum=0),
-        return_token_ids=bool(_bool(body, "return_token_ids")), ignore_eos=bool(_bool(body, "ignore_eos")),
+    seed = read_int(body, "seed", minimum=INT64_MIN, maximum=INT64_MAX)
+    return SamplingFields(
+        max_tokens=max_tokens, temperature=read_number(body, "temperature", 0.0, 2.0),
+        top_p=read_number(body, "top_p", 0.0, 1.0, low_open=True), top_k=None if top_k is None else max(top_k, 0),
+        seed=None if seed is None else seed % 2**64, stop=_stop(body.get("stop")),
+        stop_token_ids=_int_list(body, "stop_token_ids"), min_tokens=min_tokens,
+        n=read_int(body, "n", minimum=1, maximum=max_n) or 1, stream=stream,
+        include_usage=bool(read_bool(options, "include_usage", "stream_options.") if options else False),
+        return_token_ids=bool(read_bool(body, "return_token_ids")), ignore_eos=bool(read_bool(body, "ignore_eos")),
+        response_format=_response_format(body.get("response_format")),
     )
 
 
-def _refuse_unsupported(body: Mapping) -> None:
-    def present(key: str, default: Any = None) -> bool:
-        return body.get(key) not in (None, default)
+_REFUSED = {  # key: (the value that means "off", why)
+    "tools": (None, "tool calling is not supported by this server."),
+    "functions": (None, "tool calling is not supported by this server."),
+    "function_call": (None, "tool calling is not supported by this server."),
+    "presence_penalty": (0, "penalties are not supported by this server; leave it at 0."),
+    "frequency_penalty": (0, "penalties are not supported by this server; leave it at 0."),
+    "repetition_penalty": (1, "penalties are not supported by this server; leave it at 1."),
+    "logit_bias": (None, "logit_bias is not supported by this server."),
+    "best_of": (1, "best_of is not supported by this server; use n."),
+    "use_beam_search": (False, "beam search is not supported by this server."),
+    "prompt_logprobs": (None, "prompt logprobs are supported on /v1/completions with echo and logprobs only."),
+    "guided_json": (None, "use response_format (json_object or json_schema) instead."),
+    "guided_regex": (None, "regular-expression constraints are not supported by this server."),
+    "guided_choice": (None, "choice constraints are not supported by this server."),
+    "guided_grammar": (None, "grammar constraints are not supported by this server."),
+    "structured_outputs": (None, "use response_format (json_object or json_schema) instead."),
+    "suffix": (None, "suffix (insertion) is not supported by this server."),
+    "min_p": (0, "min_p is not supported by this server; leave it at 0."),
+    "bad_words": (None, "bad_words is not supported by this server."),
+    "allowed_token_ids": (None, "allowed_token_ids is not supported by this server."),
+}
 
-    for key in ("tools", "functions"):
-        if body.get(key):
-            raise invalid(key, "tool calling is not supported by this server.")
+
+def refuse_unsupported(body: Mapping) -> None:
+    """400 for a field that would change the output but is not implemented (set to other than its "off")."""
+    for key, (off, why) in _REFUSED.items():
+        v = body.get(key)
+        if v is None or v == off or (off is None and v in ([], {})):
+            continue
+        raise invalid(key, why)
     if body.get("tool_choice") not in (None, "none"):
         raise invalid("tool_choice", "tool calling is not supported by this server.")
-    if present("logprobs", False) or present("top_logprobs", 0):
-        raise invalid("logprobs", "log probabilities are not supported by this server.")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if present(key, 0):
-            raise invalid(key, "penalties are not supported by this server; leave it at 0.")
-    if body.get("logit_bias"):
-        raise invalid("logit_bias", "logit_bias is not supported by this server.")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
-        raise invalid("response_format", "only {\"type\": \"text\"} is supported.")
 
 
 def _stop(v: Any) -> list[str]:
@@ -186,6 +231,56 @@ def _stop(v: Any) -> list[str]:
     if len(stops) > 16 or any(not s for s in stops):
         raise invalid("stop", "give at most 16 non-empty stop strings.")
     return stops
+
+
+def _response_format(v: Any) -> ResponseFormat:
+    if v is None:
+        return ResponseFormat()
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(v, Mapping) or v.get("type") not in kinds:
+        raise invalid("response_format", f"expected {{\"type\": one of {', '.join(kinds)}}}, got {v!r}.")
+    if v["type"] != "json_schema":
+        return ResponseFormat(v["type"])
+    spec = v.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise invalid("response_format.json_schema", "expected an object with name and schema.")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, Mapping):
+        raise invalid("response_format.json_schema.schema", f"expected a JSON schema object, got {schema!r}.")
+    return ResponseFormat("json_schema", dict(schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# chat
+
+
+def parse_chat_request(body: Any, max_n: int = 8) -> ChatRequest:
+    """Validate a decoded JSON body (see the module docstring); raises APIError(400, ...) naming the field."""
+    if not isinstance(body, Mapping):
+        raise invalid("", f"the request body must be a JSON object, got {type(body).__name__}.")
+    for key, off in (("echo", False), ("continue_final_message", False), ("add_generation_prompt", True)):
+        if body.get(key) not in (None, off):
+            raise invalid(key, f"only {str(off).lower()} is supported by this server.")
+    sampling = parse_sampling_fields(body, max_n)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid("model", f"expected a string, got {type(model).__name__}.")
+    messages, images = _parse_messages(body.get("messages"))
+    logprobs = bool(read_bool(body, "logprobs"))
+    top_logprobs = read_int(body, "top_logprobs", minimum=0, maximum=MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise invalid("top_logprobs", "needs logprobs set to true.")
+    budget = read_int(body, "thinking_token_budget", minimum=0)
+    alias = read_int(body, "max_thinking_tokens", minimum=0)
+    if budget is not None and alias is not None and budget != alias:
+        raise invalid("thinking_token_budget", f"and max_thinking_tokens disagree ({budget} vs {alias}); give one.")
+    include_reasoning = read_bool(body, "include_reasoning")
+    return ChatRequest(
+        messages=messages, images=images, sampling=sampling, model=model, logprobs=logprobs,
+        top_logprobs=top_logprobs or 0, thinking_mode=_thinking_mode(read_object(body, "chat_template_kwargs")),
+        max_thinking_tokens=budget if budget is not None else alias,
+        include_reasoning=True if include_reasoning is None else include_reasoning,
+    )
 
 
 def _thinking_mode(kwargs: Mapping | None) -> str | None:
@@ -226,9 +321,7 @@ def _parse_messages(raw: Any) -> tuple[list[dict[str, Any]], list[ImageRef]]:
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         elif isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                parts.append(_parse_part(part, f"{where}.content[{j}]", role, images))
+            parts = [_parse_part(part, f"{where}.content[{j}]", role, images) for j, part in enumerate(content)]
         else:
             raise invalid(f"{where}.content", f"expected a string or a list of parts, got {type(content).__name__}.")
         messages.append({"role": "system" if role == "developer" else role, "content": parts})
@@ -250,57 +343,12 @@ def _parse_part(part: Any, where: str, role: str, images: list[ImageRef]) -> dic
         if role != "user":
             raise invalid(where, f"images are accepted in user messages only, not in a {role} message.")
         ref = part.get("image_url")
-        url = ref.get("url") if isinstance(ref, Mapping) else ref
+        if not isinstance(ref, Mapping):
+            raise invalid(f"{where}.image_url", f"expected an object {{\"url\": ...}}, got {type(ref).__name__}.")
+        url = ref.get("url")
         if not isinstance(url, str) or not url:
-            raise invalid(f"{where}.image_url", "expected {\"url\": \"data:image/...;base64,...\"} or an http(s) URL.")
+            raise invalid(f"{where}.image_url.url",
+                          "expected a non-empty string: a data:image/...;base64,... URI or an http(s) URL.")
         images.append(ImageRef(f"{where}.image_url", url))
         return {"type": "image"}
     raise invalid(f"{where}.type", f"unsupported content part type {kind!r}; use 'text' or 'image_url'.")
-
-
-# ---------------------------------------------------------------------------------------------
-# responses
-
-
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion(cid: str, created: int, model: str, content: str, reasoning: str | None, finish_reason: str,
-               prompt_tokens: int, completion_tokens: int, token_ids: list[int] | None = None) -> dict[str, Any]:
-    """A ``chat.completion`` object with one choice."""
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": []},
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None,
-          token_ids: list[int] | None = None) -> dict[str, Any]:
-    """A ``chat.completion.chunk`` object with one choice."""
-    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-
-
-def usage_chunk(cid: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
-    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def model_card(name: str, max_model_len: int, created: int | None = None) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created or int(time.time()), "owned_by": "r4b",
-            "max_model_len": max_model_len}
