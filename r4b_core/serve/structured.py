@@ -11,7 +11,9 @@ dependency, a JSON-schema compiler and a token-mask matcher), not a hand-written
 The constraint applies to the answer only: while the thinking is open (the prompt opened it, or the
 model's first answer token is ``<think>`` in auto mode) nothing is masked, and whitespace-only tokens
 between ``</think>`` and the JSON (the thinking budget forces the template's separator) are skipped.
-Once the JSON is complete the matcher allows only the eos ids, so the answer ends there. A response
+Once the JSON is complete the matcher allows only the eos ids, so the answer ends there. The JSON is
+compact (llguidance's ``whitespace_flexible`` off): a model cannot pad it with endless whitespace, so a
+schema with bounded strings, numbers and arrays always closes within a bounded number of tokens. A response
 cut by max_tokens before the JSON closed has finish_reason "length" (its text is an incomplete JSON,
 as in vLLM); raise max_tokens or bound the schema (maxLength, maxItems) when that matters.
 
@@ -38,6 +40,9 @@ def _import_llguidance():
         raise invalid("response_format", "structured output needs the llguidance package on the server "
                                          "(pip install 'r4b[serve]').") from None
     return llguidance
+
+
+_COMPACT = {"whitespace_flexible": False}  # no whitespace between JSON tokens: bounded, as compact as json.dumps
 
 
 class _Vocabulary:
@@ -131,7 +136,7 @@ class StructuredOutputs:
         schema = {"type": "object"} if fmt.type == "json_object" else fmt.schema
         param = "response_format" if fmt.type == "json_object" else "response_format.json_schema.schema"
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_COMPACT)
         except ValueError as e:
             raise invalid(param, f"not a usable JSON schema ({e}).") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, vocabulary.ll)
