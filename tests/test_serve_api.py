@@ -311,6 +311,7 @@ def test_malformed_bodies_unknown_model_and_routes(setup):
     big = {"model": MODEL, "messages": _user("x" * (BODY_LIMIT + 10))}
     r = _post(setup, big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "--max-body-mb" in r.json()["error"]["message"]  # the flag that exists (issue 21)
     assert _post(setup, {"model": MODEL, "messages": _user("still serving?"), "max_tokens": 2}).status_code == 200
 
 

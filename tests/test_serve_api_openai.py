@@ -178,6 +178,7 @@ def _post(setup, path: str, body, **kwargs) -> httpx.Response:
 
 @pytest.mark.parametrize("body, param, fragment", [
     ({"seed": 2**63}, "seed", "at most"),
+    ({"seed": "7"}, "seed", "seed: expected an integer"),  # named seed, not temperature (issue 21)
     ({"seed": -2**63 - 1}, "seed", "at least"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:,"}]}]},
      "messages[0].content[0].image_url", "object"),
@@ -316,3 +317,15 @@ def test_json_object_streamed_equals_plain(client):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
                        if c.choices)
     assert streamed == plain.message.content
+
+
+def test_json_schema_applies_to_the_answer_after_the_thinking(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA}}
+    r = client.chat.completions.create(model=MODEL, messages=_user("Think, then answer as JSON."), max_tokens=80,
+                                       temperature=1.0, seed=3, response_format=fmt,
+                                       extra_body={"chat_template_kwargs": {"thinking_mode": "long"},
+                                                   "thinking_token_budget": 3})
+    message = r.choices[0].message
+    assert message.reasoning_content is not None and r.usage.completion_tokens_details.reasoning_tokens == 4
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(message.content), SCHEMA)  # the separator before it is whitespace: json allows it
