@@ -1,19 +1,26 @@
 """``r4b serve``: an OpenAI-compatible chat server (r4b_core/serve/) on 127.0.0.1 by default.
 
     r4b serve --model DIR|HUB_ID [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] [--max-seq-len N]
+              [--kv-cache-tokens N | --kv-cache-gb GB] [--max-num-batched-tokens N] [--no-prefix-caching] [--exact]
               [--max-queue N] [--thinking-mode auto] [--max-thinking-tokens N] [--compile] [--api-key KEY]
               [--allow-remote-images] [--allow-local-images DIR] [--quantize auto|none|int8] [--device] [--dtype]
 
-Every option is checked before the weights load. The server runs until SIGTERM or Ctrl-C, then stops
-admitting, lets running requests finish (cancelling what is left after --shutdown-timeout) and exits
-with status 0. Binding to an address other than loopback without --api-key prints a warning.
+Every option is checked before the weights load, and the listening socket is bound then too: a port in
+use, a --host that does not resolve or is not this machine's, or a port the user may not bind is one line
+``r4b: error: ...`` and exit status 1 before any loading (the bound socket is handed to uvicorn, so no
+other process takes the port meanwhile; clients are refused until the model is ready). The server runs
+until SIGTERM or Ctrl-C, then stops admitting, lets running requests finish (cancelling what is left
+after --shutdown-timeout) and exits with status 0. Binding to an address other than loopback without
+--api-key prints a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 from pathlib import Path
 
 from r4b_core.cli.common import (
@@ -43,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     s = subparsers.add_parser(
         "serve", parents=parents, help="an OpenAI-compatible chat server with continuous batching",
         description="Serve the model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, "
-                    "/v1/models, /health): requests are batched continuously over one static KV cache; the "
+                    "/v1/models, /health): requests are batched continuously over one paged KV cache; the "
                     "thinking goes to reasoning_content and the answer to content.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
@@ -52,8 +59,22 @@ def add_parser(subparsers: argparse._SubParsersAction,
     s.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
                    help=f"requests decoded together: the KV cache's rows (default {DEFAULT_MAX_BATCH_SIZE})")
     s.add_argument("--max-seq-len", type=positive_int, metavar="N",
-                   help="tokens per request, prompt + answer: the KV cache's length (default min(4096, the "
-                        "model's max_position_embeddings)); the decode step attends over all of it")
+                   help="tokens per request, prompt + answer (default min(32768, the model's "
+                        "max_position_embeddings)); costs nothing until a request uses it (paged KV cache)")
+    kv = s.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-tokens", type=positive_int, metavar="N",
+                    help="the paged KV cache's pool, in tokens shared by all requests (default max(32768, "
+                         "--max-seq-len))")
+    kv.add_argument("--kv-cache-gb", type=finite_float, metavar="GB",
+                    help="the paged KV cache's pool as a memory budget in GiB (instead of --kv-cache-tokens)")
+    s.add_argument("--max-num-batched-tokens", type=positive_int, default=512, metavar="N",
+                   help="tokens per engine step, decode rows + one prefill chunk: a long prompt is prefilled in "
+                        "chunks of about N so running streams keep decoding (default 512)")
+    s.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of earlier requests with the same prefix")
+    s.add_argument("--exact", action="store_true",
+                   help="a request's tokens independent of its neighbours, bit for bit: every step decodes "
+                        "--max-batch-size rows over --max-seq-len slots, no prefix cache, prompts unchunked (slow)")
     s.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help=f"requests waiting for a free slot; past it the server answers 429 (default "
                         f"{DEFAULT_MAX_QUEUE})")
@@ -95,6 +116,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound (not yet listening) to ``host``:``port``, as uvicorn binds one (SO_REUSEADDR); an
+    OSError whose message names the flag to change when the host does not resolve or the bind fails."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) else str(e)
+        raise OSError(f"--host {host!r}: cannot resolve it to an address ({reason}); give an IP address such as "
+                      "127.0.0.1 or 0.0.0.0, or a name this machine resolves.") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        where = f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            message = f"--port {port}: {where} is already in use (another server?); stop it or choose another --port."
+        elif e.errno == errno.EACCES:
+            message = (f"--port {port}: permission denied to listen on {where} (ports below 1024 need privileges); "
+                       "choose a port from 1024 up.")
+        elif e.errno == errno.EADDRNOTAVAIL:
+            message = (f"--host {host}: not an address of this machine, so nothing can listen on it ({e.strerror}); "
+                       "use 127.0.0.1, 0.0.0.0 or one of this machine's addresses.")
+        else:
+            message = f"--host {host} --port {port}: cannot listen on {where} ({e.strerror or e})."
+        raise OSError(message) from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     import fastapi  # noqa: F401  (a missing 'serve' extra is reported before the weights load)
     import uvicorn  # noqa: F401
@@ -108,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_body_mb <= 0 or args.shutdown_timeout < 0:
         raise UsageError("--max-body-mb must be positive and --shutdown-timeout at least 0.")
+    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
+        raise UsageError(f"--kv-cache-gb {args.kv_cache_gb}: must be positive.")
     local_dir = args.allow_local_images
     if local_dir is not None and not local_dir.expanduser().is_dir():
         raise UsageError(f"--allow-local-images {local_dir}: not a directory.")
@@ -121,14 +175,21 @@ def run(args: argparse.Namespace) -> int:
     if args.max_seq_len is not None and not 2 <= args.max_seq_len <= positions:
         raise UsageError(f"--max-seq-len {args.max_seq_len}: must be in 2..{positions} (the model's "
                          "max_position_embeddings).")
+    listening = bind_socket(args.host, args.port)  # before the weights load: a taken port fails at once
     processor = setup.load_processor()  # the server's one image limit: --max-image-pixels, else the default
     model = setup.load_model()
     fast_linears(model, args.quantize, compile=args.compile)  # --quantize: prepacked (CPU) / as loaded / int8
     generation_config = processor.generation_config
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
-    engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
-                    eos_token_ids=processor.eos_token_ids, pad_token_id=pad, compile=args.compile,
-                    attention_backend=args.attention_backend)
+    try:
+        engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                        max_queue=args.max_queue, eos_token_ids=processor.eos_token_ids, pad_token_id=pad,
+                        compile=args.compile, attention_backend=args.attention_backend,
+                        kv_cache_tokens=args.kv_cache_tokens, kv_cache_gb=args.kv_cache_gb,
+                        token_budget=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
+                        exact=args.exact)
+    except ValueError as e:  # a pool too small for one block, a budget below one batch, ...
+        raise UsageError(str(e)) from None
     name = args.served_model_name or args.model or "r4b"
     config = ServerConfig(
         model_name=name, api_key=api_key, thinking_mode=args.thinking_mode,
@@ -138,8 +199,10 @@ def run(args: argparse.Namespace) -> int:
                            max_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS),
         shutdown_deadline_s=args.shutdown_timeout)
     app = create_app(engine, processor, config)
-    progress_to_stderr(f"r4b serve: model {name!r} ({directory}, {dtype}, {device}); {args.max_batch_size} slots x "
-                       f"{engine.max_seq_len} tokens; http://{args.host}:{args.port}/v1")
-    serve_forever(app, engine, args.host, args.port, deadline_s=args.shutdown_timeout, log_level=args.log_level)
+    progress_to_stderr(f"r4b serve: model {name!r} ({directory}, {dtype}, {device}); up to {args.max_batch_size} "
+                       f"requests of {engine.max_seq_len} tokens over a KV pool of {engine.kv_cache_tokens} tokens "
+                       f"({engine.cache.nbytes / 2**30:.2f} GiB); http://{args.host}:{args.port}/v1")
+    serve_forever(app, engine, args.host, args.port, deadline_s=args.shutdown_timeout, log_level=args.log_level,
+                  sockets=[listening])
     progress_to_stderr("r4b serve: stopped")
     return 0
