@@ -129,3 +129,69 @@ def test_reset_reuses_the_cache(model):
     cache.reset()
     b = model(_ids(1, 12, seed=1), kv_cache=cache).logits
     assert torch.equal(a, b) and cache.seq_lens.tolist() == [12]
+
+
+# ---------------------------------------------------------------------------------------------
+# decode cost follows the context: the decode step reads a bucketed span, not the capacity
+
+LONG = TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def long_model() -> Qwen3ForCausalLM:
+    torch.manual_seed(1)
+    return Qwen3ForCausalLM(LONG).eval()
+
+
+def test_decode_span_is_a_bucket():
+    from r4b_core.models.kv_cache import MIN_DECODE_SPAN, decode_span
+
+    assert decode_span(49, 12047) == MIN_DECODE_SPAN == 256
+    assert [decode_span(n, 12047) for n in (256, 257, 512, 513, 9000)] == [256, 512, 512, 1024, 12047]
+    assert decode_span(49, 79) == 79  # never past the capacity
+    assert len({decode_span(n, 12047) for n in range(1, 12048)}) == 7  # the compiled graphs a long run needs
+
+
+@torch.no_grad()
+def test_decode_reads_only_its_span(long_model):
+    """Slots past the span are never read: NaN there leaves the logits finite (and equal to a small cache's)."""
+    ids = _ids(2, 48)
+    big, small = KVCache.for_model(LONG, 2, 3000), KVCache.for_model(LONG, 2, 60)
+    for cache in (big, small):
+        long_model(ids, kv_cache=cache)
+    big.k[:, :, :, 256:] = float("nan")
+    big.v[:, :, :, 256:] = float("nan")
+    for t in range(3):
+        token = _ids(2, 1, seed=t)
+        a, b = long_model(token, kv_cache=big).logits, long_model(token, kv_cache=small).logits
+        assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-6
+
+
+@torch.no_grad()
+def test_the_span_grows_with_the_longest_row_view(long_model):
+    """A row view's prefill raises the whole cache's host bound, so the next batched decode step reads far
+    enough for every row."""
+    cache = KVCache.for_model(LONG, 2, 1000)
+    long_model(_ids(1, 10), kv_cache=cache.row(0))
+    long_model(_ids(1, 300, seed=1), kv_cache=cache.row(1))
+    ref = KVCache.for_model(LONG, 1, 1000)
+    long_model(_ids(1, 300, seed=1), kv_cache=ref)
+    token = _ids(2, 1, seed=5)
+    got = long_model(token, kv_cache=cache).logits  # row 1 holds 301 tokens: the span must be 512
+    want = long_model(token[1:], kv_cache=ref).logits
+    assert (got[1:] - want).abs().max() <= 1e-5
+    assert cache.seq_lens.tolist() == [11, 301]
+
+
+def test_compiled_decode_across_spans_equals_eager(long_model):
+    """Greedy tokens of the compiled decode step (one graph per span) equal eager ones across 256 -> 512."""
+    from r4b_core.generation.generate import generate
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the graph counts of earlier tests
+    ids = _ids(1, 250, seed=3)
+    eager = generate(long_model, ids, max_new_tokens=12)
+    compiled = generate(long_model, ids, max_new_tokens=12, compile=True)
+    assert compiled.tokens == eager.tokens and len(eager.tokens[0]) == 12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # spans 256 and 261 (the capacity)

@@ -12,6 +12,7 @@ import torch
 from conftest import save_random_hf_qwen3
 from r4b_core import Qwen3ForCausalLM
 from r4b_core.models import qwen3 as r4b_qwen3
+from r4b_core.models.attention import attention
 
 TOL = 1e-4
 
@@ -84,7 +85,7 @@ def _attention_with_norm_after_rope(self, x, cos, sin, layout, kv_cache=None):
     v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
     q = self.q_norm(r4b_qwen3.apply_rope(q, cos, sin))
     k = self.k_norm(r4b_qwen3.apply_rope(k, cos, sin))
-    out = r4b_qwen3.attention(q, k, v, layout.mask, is_causal=True, scale=self.scale)
+    out = attention(q, k, v, layout.mask, is_causal=True, scale=self.scale)
     return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -7,8 +7,9 @@
                  decode_step: one forward of the new tokens [B, 1] through the cache
       -> GenerationStream keeps the books (tokens, finish reasons, GenerationTimer) -> GenerationOutput
 
-``decode_step`` has static shapes (the cache is attended over its whole capacity with a mask), so
-it can be compiled. Sampling is greedy when ``temperature == 0``; otherwise temperature, top-k and
+``decode_step`` has static shapes: it attends over a span of the cache (the used length rounded up
+to a power of two, r4b_core/models/kv_cache.py), so it can be compiled, one graph per span.
+Sampling is greedy when ``temperature == 0``; otherwise temperature, top-k and
 top-p (applied in that order, as transformers does) and a draw from a seeded generator.
 ``generate`` drains a ``GenerationStream``; chat.py streams one (text in, text out lives there).
 """
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from r4b_core.generation_config import GenerationConfig, SamplingParams
+from r4b_core.models.input_checks import check_prompt_ids
 from r4b_core.models.kv_cache import KVCache
 
 
@@ -122,32 +124,43 @@ _COMPILED_DECODE: dict[str, Callable] = {}  # one compiled wrapper per device ty
 def compiled_decode_step(device_type: str) -> Callable[[torch.nn.Module, torch.Tensor, KVCache], torch.Tensor]:
     """``decode_step`` under ``torch.compile(fullgraph=True)``; CUDA graphs ("reduce-overhead") on GPU.
 
-    The step has static shapes (the cache is attended over its whole capacity), so one graph serves
-    every position; a new batch size or cache capacity compiles a new one.
+    Before each compiled call the cache's host-side bookkeeping runs eagerly (``kv_cache.reserve_decode()``:
+    room check, the span of slots this step reads), so the graph has static shapes: one graph per span
+    (SDPA: powers of two from 256 up to the capacity, at most 7 for a 12,000-slot cache; Triton: the
+    capacity), per batch size.
     """
     if device_type not in _COMPILED_DECODE:
         mode = "reduce-overhead" if device_type == "cuda" else None
-        _COMPILED_DECODE[device_type] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+        compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+        def step(model: torch.nn.Module, tokens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+            kv_cache.reserve_decode()
+            return compiled(model, tokens, kv_cache)
+
+        _COMPILED_DECODE[device_type] = step
     return _COMPILED_DECODE[device_type]
 
 
 @torch.inference_mode()
 def warm_up_decode_step(model: torch.nn.Module, batch: int, capacity: int, *, compile: bool = False,
-                        attention_backend: str = "auto", steps: int = 2) -> float:
+                        attention_backend: str = "auto", steps: int = 2, context: int = 0) -> float:
     """Run the decode step ``steps`` times on a throwaway cache of ``batch`` x ``capacity`` slots (the shape
-    ``generate_steps`` will build), so that compiling it (``compile``) and first-call set-up are paid here and
-    not inside a timed generation; returns the seconds taken. Same shapes, same compiled graph: no recompile."""
+    ``generate_steps`` will build) holding ``context`` tokens (the prompt's length: the span the first steps
+    read), so that compiling it (``compile``) and first-call set-up are paid here and not inside a timed
+    generation; returns the seconds taken. Same shapes, same compiled graph: no recompile until the context
+    crosses a power of two."""
     text_config = getattr(model.config, "text_config", model.config)
     parameter = next(model.parameters())
     cache = KVCache.for_model(text_config, batch, capacity, dtype=_model_dtype(model),
                               device=parameter.device, attention_backend=attention_backend)
+    cache.set_lengths(max(min(context, capacity - steps), 0))
     step = compiled_decode_step(parameter.device.type) if compile else decode_step
     if compile and parameter.device.type == "cuda":
         for t in (cache.k, cache.v, cache.seq_lens):
             torch._dynamo.mark_static_address(t)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=parameter.device)
     start = time.perf_counter()
-    for _ in range(min(steps, capacity)):  # each step fills one slot
+    for _ in range(min(steps, capacity - int(cache.seq_lens[0]))):  # each step fills one slot
         step(model, tokens, cache)
     if parameter.device.type == "cuda":
         torch.cuda.synchronize(parameter.device)
@@ -201,6 +214,7 @@ def generate_steps(
     attention_mask, pixel_values, image_sizes, batch_num_images. Logits with NaN / Inf for a running
     sequence raise ``NonFiniteLogitsError`` naming the step, before that step's tokens are yielded.
     """
+    check_prompt_ids(input_ids)
     batch, prompt_len = input_ids.shape
     text_config = getattr(model.config, "text_config", model.config)
     if kv_cache is None:

@@ -121,6 +121,20 @@ def num_views(image_size: Size, pinpoints: Sequence[Sequence[int]], tile_size: i
     return 1 + rows * cols
 
 
+def views_per_image(config: R4BConfig, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
+                    ) -> list[int]:
+    """Views each image uses: 1 + anyres tiles, or 1 for an image of a multi-image sample
+    (``batch_num_images[b] > 1``); image_sizes [N_images, 2] as (height, width)."""
+    tiled = [True] * len(image_sizes) if batch_num_images is None else [
+        int(n) == 1 for n in batch_num_images.tolist() for _ in range(int(n))
+    ]
+    if len(tiled) != len(image_sizes):
+        raise ValueError(f"batch_num_images sums to {len(tiled)} images but image_sizes has {len(image_sizes)} rows.")
+    tile = config.vision_config.image_size
+    return [num_views((int(h), int(w)), config.image_grid_pinpoints, tile) if t else 1
+            for (h, w), t in zip(image_sizes.tolist(), tiled)]
+
+
 # ---------------------------------------------------------------------------------------------
 # feature side: unpad, downscale, pack
 

@@ -1,17 +1,28 @@
-"""One attention signature for the decoder; backends live behind it.
+"""The attention of every layer, decoder and vision tower alike, and its backends.
 
 Notation:
-    B  batch            T  query tokens        S  key/value tokens (cache slots)
-    Hq query heads      Hkv key/value heads    D  head_dim         G = Hq // Hkv (GQA group)
+    B  batch            T  query tokens (this forward's new tokens)    S  key/value tokens (cache slots)
+    Hq query heads      Hkv key/value heads    D  head_dim             G = Hq // Hkv (GQA group)
+    q [B, Hq, T, D]; k, v [B, Hkv, T or S, D]; probabilities [B, Hq, T, S]; mask bool [B, 1, T, S]
+    (True = may attend) or None (plain causal, or everything for bidirectional attention)
 
-``attention(q, k, v, mask, is_causal, scale, dropout_p)`` takes q [B, Hq, T, D], k and v
-[B, Hkv, S, D] and returns [B, Hq, T, D]. ``mask`` is boolean [B, 1, T, S] (True = may attend) or
-None; ``is_causal`` is only used when ``mask`` is None and T == S. This SDPA path is the reference.
+The entry, ``compute_attention(q, k, v, ...)`` -> [B, Hq, T, D], is the one call a layer makes after
+projecting, norming and rotating its heads. In order:
+    1. with a cache: write this forward's k, v into it (``cache.write``)
+    2. a decode step (one token per sequence through a cache) whose probabilities nobody asked for:
+       the cache's fused ``decode_attention`` (SDPA over a bucketed span, or the Triton kernel) -> done
+    3. with a cache: the keys/values and mask to attend to come from ``cache.read``
+    4. nobody asked for the probabilities: ``attention`` (SDPA, fused) -> done
+    5. explicit: ``attention_probs`` -> the ``hook_pattern`` hook -> the ``AttentionRecorder`` -> ``attend``
+The cache interface (plan / write / read / decode_attention / commit) is in r4b_core/models/cache_interface.py.
+
+``attention(q, k, v, mask, is_causal, scale, dropout_p)`` is the SDPA reference path with grouped K/V
+heads; ``is_causal`` is only used when ``mask`` is None (query t sees keys [0, S - T + t]).
 
 ``decode_attention(q, k_cache, v_cache, seq_lens, scale, backend)`` is the single-token decode step
 against a layer of the KV cache: q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], seq_lens [B] (valid
 slots per sequence, the new token included). Backends:
-    "sdpa"    the reference: SDPA over all S slots with a length mask (static shapes)
+    "sdpa"    the reference: SDPA over the S slots given with a length mask (static shapes)
     "triton"  r4b_kernels' split-KV GQA flash-decoding kernel (reads only seq_lens[b] slots)
 The backend is chosen by argument, never at import time: ``resolve_decode_backend`` turns "auto",
 "sdpa" or "triton" into a concrete one for a device/dtype/head size; "auto" picks Triton on CUDA when
@@ -20,9 +31,9 @@ SDPA on every other device; a forced "triton" that cannot run raises (on the CPU
 TRITON_INTERPRET=1, which is how the tests exercise it).
 
 The explicit path, ``attention_probs`` then ``attend``, materialises the probabilities [B, Hq, T, S]
-as transformers' eager attention does (scores in the input dtype, softmax in fp32, cast back). The
-models use it only for a layer whose probabilities are asked for (``output_attentions=True``, or a
-hook on that layer's ``hook_pattern``); an ``AttentionRecorder`` collects them during one forward.
+as transformers' eager attention does (scores in the input dtype, softmax in fp32, cast back). It runs
+only for a layer whose probabilities are asked for (``output_attentions=True``, or a hook on that
+layer's ``hook_pattern``); an ``AttentionRecorder`` collects them during one forward.
 """
 
 from __future__ import annotations
@@ -30,7 +41,10 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from r4b_core.models.cache_interface import AttentionCache, AttentionLayout, AttentionRecorder
 
 BACKENDS = ("auto", "sdpa", "triton")
 
@@ -63,20 +77,6 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None, scale=scale, **kwargs
     )
-
-
-class AttentionRecorder:
-    """Collects each layer's attention probabilities [B, Hq, T, S] during one forward, in layer order.
-
-    A plain object rather than a list or a dataclass: wrappers that rebuild a block's arguments (FSDP2's
-    input casting rebuilds lists and dataclasses) pass it through as the same object.
-    """
-
-    def __init__(self) -> None:
-        self.probs: list[torch.Tensor] = []
-
-    def add(self, probs: torch.Tensor) -> None:
-        self.probs.append(probs)
 
 
 def _repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -150,3 +150,39 @@ def decode_attention(
     out = attention(q[:, :, None], k_cache.to(q.dtype), v_cache.to(q.dtype), valid[:, None, None, :],
                     is_causal=False, scale=scale)  # [B, Hq, 1, D]
     return out[:, :, 0]
+
+
+def compute_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    pattern_hook: nn.Module,
+    recorder: AttentionRecorder | None = None,
+    dropout_p: float = 0.0,
+    layout: AttentionLayout | None = None,
+    cache: AttentionCache | None = None,
+    layer: int = 0,
+) -> torch.Tensor:
+    """One layer's attention: q [B, Hq, T, D], this forward's k, v [B, Hkv, T, D] -> [B, Hq, T, D].
+
+    ``pattern_hook``: the layer's ``hook_pattern`` (a hook there, or a ``recorder``, selects the explicit
+    softmax). ``layout``: this forward's mask (and, with ``cache``, where the tokens go). ``layer``: the
+    cache's layer index. The steps are listed in the module docstring.
+    """
+    mask = layout.mask if layout is not None else None
+    explicit = recorder is not None or pattern_hook.has_hooks
+    if cache is not None:
+        cache.write(layer, k, v, layout)
+        if layout.decode and not explicit:
+            return cache.decode_attention(layer, q[:, :, 0], layout, scale)[:, :, None]  # [B, Hq, 1, D]
+        k, v, mask = cache.read(layer, layout)  # [B, Hkv, S, D] x 2, [B, 1, T, S] or None
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if not explicit:
+        return attention(q, k, v, mask, is_causal=causal, scale=scale, dropout_p=dropout_p)
+    probs = pattern_hook(attention_probs(q, k, mask, is_causal=causal, scale=scale))  # [B, Hq, T, S]
+    if recorder is not None:
+        recorder.add(probs)
+    return attend(probs, v, dropout_p)

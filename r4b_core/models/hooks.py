@@ -72,16 +72,18 @@ class UnknownHookPointError(ValueError):
     """A hook name that is not one of the model's hook points (the message lists close matches)."""
 
 
-def _stable_name(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """A module / parameter / hook name without the parts activation-checkpoint, torch.compile and FSDP1
+    wrappers insert (``layers.0._checkpoint_wrapped_module.mlp`` -> ``layers.0.mlp``), also at the end."""
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
-    return name
+    return name.removesuffix("._checkpoint_wrapped_module").removesuffix("._orig_mod")
 
 
 def hook_points(model: nn.Module) -> dict[str, HookPoint]:
     """Every hook point of ``model`` by stable name (wrapper parts such as ``_checkpoint_wrapped_module.``
     removed), in module-tree order."""
-    return {_stable_name(name): module for name, module in model.named_modules() if isinstance(module, HookPoint)}
+    return {canonical_name(name): module for name, module in model.named_modules() if isinstance(module, HookPoint)}
 
 
 def hook_names(model: nn.Module) -> list[str]:

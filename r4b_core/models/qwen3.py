@@ -8,8 +8,9 @@ Notation: B batch, T new tokens, S key/value slots, C hidden_size, Hq/Hkv query/
 D head_dim, V vocab_size.
 
 Module and parameter names are transformers' own (``model.layers.N.self_attn.q_proj``, ...), so an HF
-``Qwen3ForCausalLM`` state dict loads by name. The model keeps no inference state: a ``KVCache`` is
-passed into ``forward`` and the model writes into it.
+``Qwen3ForCausalLM`` state dict loads by name. The model keeps no inference state: a cache (``AttentionCache``,
+r4b_core/models/kv_cache.py) is passed into ``forward``; each layer writes and reads it through
+``compute_attention`` (r4b_core/models/attention.py). Input checks run once, in ``Qwen3ForCausalLM.forward``.
 
 Hook points (r4b_core/models/hooks.py; identity modules, no parameters), relative to ``Qwen3ForCausalLM``:
 ``model.hook_embed`` [B, T, C]; per layer ``model.layers.N.`` + ``hook_resid_pre``, ``hook_attn_out``,
@@ -27,16 +28,17 @@ cache slots [0, max(seq_lens)), which for an unpadded batch is transformers' pas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r4b_core.models.attention import AttentionRecorder, attend, attention, attention_probs, decode_attention
-from r4b_core.config import TextConfig
+from r4b_core.config import TextConfig, text_config_from_dict
+from r4b_core.models.attention import compute_attention
+from r4b_core.models.cache_interface import AttentionCache, AttentionLayout, AttentionRecorder, uncached_layout
 from r4b_core.models.hooks import HookPoint
-from r4b_core.models.kv_cache import KVCache
+from r4b_core.models.input_checks import check_decoder_inputs
+from r4b_core.models.pretrained import FromPretrained
 
 
 class RMSNorm(nn.Module):
@@ -98,26 +100,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-@dataclass
-class AttentionLayout:
-    """Everything the layers need to know about this forward's batch layout, computed once.
-
-    mask:      bool [B, 1, T, S] (True = may attend) or None for plain causal attention
-    slots:     int64 [B, T] cache slot of each new token (cache only)
-    valid:     bool [B, T] which new tokens are real (None = all); padding is never cached
-    kv_len:    S, the number of cache slots attended to
-    seq_lens:  int32/int64 [B] valid slots per sequence after this step's write (cache only)
-    attentions: collects each layer's probabilities (output_attentions=True), else None
-    """
-
-    mask: torch.Tensor | None
-    slots: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
-    kv_len: int = 0
-    seq_lens: torch.Tensor | None = None
-    attentions: AttentionRecorder | None = None
-
-
 class Qwen3Attention(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
         super().__init__()
@@ -144,38 +126,16 @@ class Qwen3Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: AttentionLayout,
-        kv_cache: KVCache | None = None,
+        kv_cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q, k, v = self.hook_q(apply_rope(q, cos, sin)), self.hook_k(apply_rope(k, cos, sin)), self.hook_v(v)
-        # explicit softmax only when someone asked for this layer's probabilities
-        explicit = layout.attentions is not None or self.hook_pattern.has_hooks
-        mask = layout.mask
-        if kv_cache is not None:
-            kv_cache.write(self.layer_idx, k, v, layout.slots, layout.valid)
-            kv_len = layout.kv_len
-            if T == 1 and not explicit:  # the decode step: the cache's backend (SDPA over all slots, or Triton)
-                k, v = kv_cache.read(self.layer_idx, kv_len)  # [B, Hkv, S, D]
-                out = decode_attention(q[:, :, 0], k, v, layout.seq_lens, self.scale, kv_cache.decode_backend)
-                z = self.hook_z(out.reshape(B, 1, self.n_heads, self.head_dim))  # [B, Hq, D] -> [B, 1, Hq, D]
-                return self.o_proj(z.reshape(B, 1, self.n_heads * self.head_dim))
-            if T == 1:  # explicit decode step: probabilities over the used slots, like transformers' cache
-                kv_len = int(layout.seq_lens.max())
-                used = torch.arange(kv_len, device=x.device) < layout.seq_lens[:, None]  # [B, S]
-                mask = used[:, None, None]  # [B, 1, 1, S]
-            k, v = kv_cache.read(self.layer_idx, kv_len)  # [B, Hkv, S, D]
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        dropout_p = self.dropout if self.training else 0.0
-        if explicit:
-            probs = self.hook_pattern(attention_probs(q, k, mask, is_causal=True, scale=self.scale))  # [B, Hq, T, S]
-            if layout.attentions is not None:
-                layout.attentions.add(probs)
-            out = attend(probs, v, dropout_p)  # [B, Hq, T, D]
-        else:
-            out = attention(q, k, v, mask, is_causal=True, scale=self.scale, dropout_p=dropout_p)  # [B, Hq, T, D]
+        out = compute_attention(q, k, v, scale=self.scale, causal=True, pattern_hook=self.hook_pattern,
+                                recorder=layout.attentions, dropout_p=self.dropout if self.training else 0.0,
+                                layout=layout, cache=kv_cache, layer=self.layer_idx)  # [B, Hq, T, D]
         z = self.hook_z(out.transpose(1, 2))  # [B, T, Hq, D]
         return self.o_proj(z.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -209,76 +169,11 @@ class Qwen3DecoderLayer(nn.Module):
         self.hook_resid_post = HookPoint()  # [B, T, C] the block's output
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttentionLayout,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: AttentionCache | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache))
         x = self.hook_resid_mid(x + attn_out)
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
-
-
-def _positions_and_layout(
-    batch: int, n_new: int, device: torch.device, attention_mask: torch.Tensor | None, kv_cache: KVCache | None
-) -> tuple[torch.Tensor, AttentionLayout, torch.Tensor | None]:
-    """Default RoPE positions [B, T], the attention layout, and the cache's new seq_lens (or None).
-
-    A token's position is the number of real tokens before it (its own sequence's cache included),
-    so a left-padded sequence gets the same positions as when it runs alone.
-    """
-    valid = attention_mask.bool() if attention_mask is not None else None
-    if valid is not None and valid.shape != (batch, n_new):
-        raise ValueError(f"attention_mask has shape {tuple(valid.shape)}, expected (batch, tokens) = {(batch, n_new)}.")
-    if valid is None:
-        offsets = torch.arange(n_new, device=device).expand(batch, n_new)  # [B, T]
-    else:
-        offsets = (valid.long().cumsum(-1) - 1).clamp(min=0)  # padding borrows a neighbour's position
-    if kv_cache is None:
-        if valid is None:
-            return offsets, AttentionLayout(mask=None), None  # plain causal: SDPA's fused path
-        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()  # [T, T]
-        mask = causal[None] & valid[:, None, :]  # [B, T, T]: causal and key is real
-        mask = mask | ~valid[:, :, None]  # padding queries see everything (finite junk, no NaN)
-        return offsets, AttentionLayout(mask=mask[:, None]), None
-
-    past = kv_cache.seq_lens.long()  # [B]
-    slots = past[:, None] + offsets  # [B, T]
-    new_lens = past + (valid.sum(-1) if valid is not None else n_new)
-    if not torch.compiler.is_compiling():
-        kv_cache.check_capacity(new_lens)
-    # prefill (T > 1): attend over the used part of the cache only
-    if n_new == 1:  # decode: decode_attention masks by seq_lens itself; shapes stay static
-        layout = AttentionLayout(mask=None, slots=slots, valid=valid, kv_len=kv_cache.capacity, seq_lens=new_lens)
-        return slots, layout, new_lens
-    kv_len = int(new_lens.max())
-    if valid is None and kv_len == n_new:  # an empty cache, no padding: plain causal, SDPA skips masked blocks
-        return slots, AttentionLayout(mask=None, slots=slots, kv_len=kv_len, seq_lens=new_lens), new_lens
-    key_slot = torch.arange(kv_len, device=device)  # [S]
-    mask = key_slot[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal in slot space
-    if valid is not None:
-        mask = mask | ~valid[:, :, None]
-    layout = AttentionLayout(mask=mask[:, None], slots=slots, valid=valid, kv_len=kv_len, seq_lens=new_lens)
-    return slots, layout, new_lens
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """A ValueError naming the first id outside ``0 .. vocab_size - 1`` (or a non-integer dtype). Such an id
-    would index past the embedding table: an IndexError on the CPU, a device-side assert that breaks the
-    whole CUDA context on a GPU.
-
-    It reads one flag back to the host, so it is skipped while torch.compile traces: the compiled decode
-    step stays free of host syncs (its tokens come from sampling over the vocabulary, so they are in range)
-    and the prompt is checked by the eager prefill before it. Meta tensors (shape-only runs) are skipped.
-    """
-    if torch.compiler.is_compiling() or input_ids.device.type == "meta":
-        return
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids should be integer token ids (int64); got dtype {input_ids.dtype}.")
-    bad = (input_ids < 0) | (input_ids >= vocab_size)
-    if bool(bad.any()):
-        where = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"input_ids holds token id {int(input_ids[where])} at position {where}, outside the vocabulary of "
-            f"{vocab_size} ids (0..{vocab_size - 1}); was it made by another tokenizer, or padded with -100?"
-        )
 
 
 @dataclass
@@ -309,40 +204,29 @@ class Qwen3Model(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: AttentionCache | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> Qwen3ModelOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, C].")
-        if input_ids is not None:
-            check_token_ids(input_ids, self.config.vocab_size)
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
-        if x.ndim != 3 or x.shape[1] == 0:
-            raise ValueError(f"expected a non-empty batch [B, T, C] of embeddings, got shape {tuple(x.shape)}.")
+        """Inputs as ``Qwen3ForCausalLM.forward`` checks them (r4b_core/models/input_checks.py)."""
+        x = self.hook_embed(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)  # [B, T, C]
         B, T, _ = x.shape
-        if kv_cache is not None and kv_cache.batch_size != B:
-            raise ValueError(f"kv_cache holds {kv_cache.batch_size} sequences but the input has batch size {B}.")
-        x = self.hook_embed(x)
-        default_pos, layout, new_lens = _positions_and_layout(B, T, x.device, attention_mask, kv_cache)
-        if output_attentions:
-            layout.attentions = AttentionRecorder()
-        cos, sin = self.rotary_emb(default_pos if position_ids is None else position_ids)
+        layout = (kv_cache.plan(attention_mask, T) if kv_cache is not None
+                  else uncached_layout(attention_mask, B, T, x.device))
+        layout.attentions = AttentionRecorder() if output_attentions else None
+        cos, sin = self.rotary_emb(layout.positions if position_ids is None else position_ids)
         states = [x] if output_hidden_states else None
         for layer in self.layers:
             x = layer(x, cos, sin, layout, kv_cache)
             if states is not None:
                 states.append(x)
         if kv_cache is not None:
-            kv_cache.seq_lens.copy_(new_lens)
+            kv_cache.commit(layout)
         x = self.hook_norm_out(self.norm(x))
         if states is not None:
             states[-1] = x  # transformers 5 (capture_outputs, tie_last_hidden_states): the last entry is normed
-        return Qwen3ModelOutput(
-            last_hidden_state=x,
-            hidden_states=tuple(states) if states is not None else None,
-            attentions=tuple(layout.attentions.probs) if layout.attentions is not None else None,
-        )
+        return Qwen3ModelOutput(last_hidden_state=x, hidden_states=None if states is None else tuple(states),
+                                attentions=None if layout.attentions is None else tuple(layout.attentions.probs))
 
 
 @dataclass
@@ -362,7 +246,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
 
 
-class Qwen3ForCausalLM(nn.Module):
+class Qwen3ForCausalLM(FromPretrained, nn.Module):
     """The text-only model: ``model`` (Qwen3Model) plus ``lm_head``, usable on its own."""
 
     def __init__(self, config: TextConfig) -> None:
@@ -385,7 +269,7 @@ class Qwen3ForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: AttentionCache | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
@@ -396,6 +280,7 @@ class Qwen3ForCausalLM(nn.Module):
         ``output_hidden_states`` / ``output_attentions`` add transformers' fields of the same names
         (see the module docstring); attentions use the explicit softmax path for every layer.
         """
+        check_decoder_inputs(input_ids, inputs_embeds, attention_mask, kv_cache, self.config.vocab_size)
         out = self.model(input_ids, inputs_embeds, position_ids, attention_mask, kv_cache,
                          output_hidden_states, output_attentions)
         hidden = out.last_hidden_state
@@ -406,29 +291,12 @@ class Qwen3ForCausalLM(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states, attentions=out.attentions)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo: str | Path,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        revision: str | None = None,
-        progress: bool = False,
-        check_finite: bool = False,
-    ) -> "Qwen3ForCausalLM":
-        """Load the decoder from a Qwen3 checkpoint (local dir or hub id), or the text side of an R-4B one.
+    def _config_from_hf(cls, raw: dict, source: str) -> TextConfig:
+        """The decoder of a Qwen3 checkpoint, or the text side of an R-4B one (``from_pretrained``)."""
+        return text_config_from_dict(raw, source=source)
 
-        dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
-        device: checked before anything is read or downloaded. check_finite: refuse NaN / Inf weights
-        (naming the first tensor and its file); one extra pass over the weights.
-        """
-        from r4b_core.config import text_config_from_dict
-        from r4b_core.devices import check_device
-        from r4b_weights.loader import check_layer_counts, load_text_weights, open_checkpoint  # the layer below, on use
+    @classmethod
+    def _weights_loader(cls):
+        from r4b_weights.loader import load_text_weights  # the layer below, on use
 
-        device = check_device(device)
-        directory, config_path, raw = open_checkpoint(path_or_repo, revision)
-        config = text_config_from_dict(raw, source=str(config_path))
-        check_layer_counts(directory, config, config_path, raw)  # before building that many layers
-        with torch.device("meta"):
-            model = cls(config)
-        return load_text_weights(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()
+        return load_text_weights

@@ -26,22 +26,22 @@ order) and ``hook_inputs_embeds`` [B, T, C] (the decoder's input after the splic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from r4b_core.models import anyres
 from r4b_core.config import R4BConfig
+from r4b_core.models import anyres
 from r4b_core.models.hooks import HookPoint
-from r4b_core.models.kv_cache import KVCache
+from r4b_core.models.cache_interface import AttentionCache
+from r4b_core.models.input_checks import (ImageTokenMismatchError, check_decoder_inputs, check_image_inputs,
+                                          check_pixel_values)
+from r4b_core.models.pretrained import FromPretrained
 from r4b_core.models.projector import MultiModalProjector
-from r4b_core.models.qwen3 import CausalLMOutput, Qwen3ForCausalLM, check_token_ids
+from r4b_core.models.qwen3 import CausalLMOutput, Qwen3ForCausalLM
 from r4b_core.models.siglip import SiglipVisionTransformer
 
-
-class ImageTokenMismatchError(ValueError):
-    """The prompt's image tokens and the images' packed features differ in number."""
+__all__ = ["ImageOutputs", "ImageTokenMismatchError", "R4BCausalLMOutput", "R4BForConditionalGeneration"]
 
 
 @dataclass
@@ -66,7 +66,7 @@ class R4BCausalLMOutput(CausalLMOutput):
         return None if self.image_outputs is None else torch.cat(self.image_outputs.pooler_output)
 
 
-class R4BForConditionalGeneration(nn.Module):
+class R4BForConditionalGeneration(FromPretrained, nn.Module):
     def __init__(self, config: R4BConfig) -> None:
         super().__init__()
         self.config = config
@@ -82,18 +82,7 @@ class R4BForConditionalGeneration(nn.Module):
 
     def views_per_image(self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None) -> list[int]:
         """Views each image uses: 1 + anyres tiles, or 1 for an image of a multi-image sample."""
-        cfg = self.config
-        tiled = [True] * len(image_sizes) if batch_num_images is None else [
-            int(n) == 1 for n in batch_num_images.tolist() for _ in range(int(n))
-        ]
-        if len(tiled) != len(image_sizes):
-            raise ValueError(
-                f"batch_num_images sums to {len(tiled)} images but image_sizes has {len(image_sizes)} rows."
-            )
-        return [
-            anyres.num_views((int(h), int(w)), cfg.image_grid_pinpoints, cfg.vision_config.image_size) if t else 1
-            for (h, w), t in zip(image_sizes.tolist(), tiled)
-        ]
+        return anyres.views_per_image(self.config, image_sizes, batch_num_images)
 
     def get_image_features(
         self,
@@ -113,21 +102,16 @@ class R4BForConditionalGeneration(nn.Module):
         output_attentions: bool = False,
     ) -> ImageOutputs:
         """The vision tower, projector and packing: ``pooler_output`` holds each image's [n_i, C] features."""
+        check_pixel_values(self.config, pixel_values, image_sizes, batch_num_images, self.views_per_image)
+        return self._encode_images(pixel_values, image_sizes, batch_num_images, output_hidden_states,
+                                   output_attentions)
+
+    def _encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+                       batch_num_images: torch.Tensor | None, output_hidden_states: bool = False,
+                       output_attentions: bool = False) -> ImageOutputs:
+        """``encode_images`` on checked inputs."""
         cfg, vcfg = self.config, self.config.vision_config
-        tile, channels = vcfg.image_size, vcfg.num_channels
-        if (pixel_values.ndim != 5 or pixel_values.shape[0] != len(image_sizes)
-                or tuple(pixel_values.shape[2:]) != (channels, tile, tile)):
-            raise ValueError(
-                f"pixel_values should be [N_images, max_views, {channels}, {tile}, {tile}] (N_images = "
-                f"len(image_sizes) = {len(image_sizes)}; {channels} channels and {tile}x{tile} tiles from "
-                f"vision_config) as the processor makes them; got shape {tuple(pixel_values.shape)}."
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values should be a floating-point tensor (normalised pixels, as the processor "
-                             f"makes them); got dtype {pixel_values.dtype}.")
         counts = self.views_per_image(image_sizes, batch_num_images)
-        if max(counts) > pixel_values.shape[1]:
-            raise ValueError(f"an image needs {max(counts)} views but pixel_values holds {pixel_values.shape[1]}.")
         views = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])  # [V, 3, H, W]
         tower = self.vision_tower(views, cfg.vision_feature_layer, output_hidden_states, output_attentions)
         feats = tower.features  # [V, P, Dv * n_layers]
@@ -152,6 +136,9 @@ class R4BForConditionalGeneration(nn.Module):
         batch_num_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings [B, T, C] with image features spliced in at the image-token positions."""
+        check_decoder_inputs(input_ids, None, None, None, self.config.text_config.vocab_size)
+        check_image_inputs(self.config, input_ids, pixel_values, image_sizes, batch_num_images, self.views_per_image,
+                           decoding=False)
         return self._embed(input_ids, pixel_values, image_sizes, batch_num_images)[0]
 
     def _embed(
@@ -162,29 +149,13 @@ class R4BForConditionalGeneration(nn.Module):
         batch_num_images: torch.Tensor | None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-        kv_cache_step: bool = False,
     ) -> tuple[torch.Tensor, ImageOutputs | None]:
-        """``embed`` plus the image outputs (None without images)."""
-        check_token_ids(input_ids, self.config.text_config.vocab_size)  # skipped while compiling (no host sync)
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        """``embed`` on checked inputs, plus the image outputs (None without images)."""
+        embeds = self.language_model.model.embed_tokens(input_ids)  # [B, T, C]
         if pixel_values is None:
-            # image tokens with no images would run as text and give wrong logits silently. Checked only when
-            # not compiling and not for a decode step of one token through the cache, where a sampled image-token
-            # id is embedded as text, as transformers does (the compiled decode step stays free of host syncs).
-            decoding = kv_cache_step and input_ids.shape[1] == 1
-            if not decoding and not torch.compiler.is_compiling() and input_ids.device.type != "meta":
-                n_tokens = int((input_ids == self.config.image_token_index).sum())
-                if n_tokens:
-                    raise ImageTokenMismatchError(
-                        f"the prompt has {n_tokens} image tokens (id {self.config.image_token_index}) but no "
-                        "pixel_values were given; pass the images (the processor's pixel_values and image_sizes), "
-                        "or remove the image tokens."
-                    )
             return self.hook_inputs_embeds(embeds), None
-        if image_sizes is None:
-            raise ValueError("pixel_values needs image_sizes (the original (height, width) of each image).")
-        images = self.encode_images(pixel_values, image_sizes, batch_num_images, output_hidden_states,
-                                    output_attentions)
+        images = self._encode_images(pixel_values, image_sizes, batch_num_images, output_hidden_states,
+                                     output_attentions)
         features = self.hook_image_features(torch.cat(images.pooler_output))  # [N, C]
         is_image = input_ids == self.config.image_token_index  # [B, T]
         n_tokens = int(is_image.sum())
@@ -205,7 +176,7 @@ class R4BForConditionalGeneration(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: AttentionCache | None = None,
         labels: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
         logits_to_keep: int = 0,
@@ -215,9 +186,13 @@ class R4BForConditionalGeneration(nn.Module):
         """Logits [B, T, V] (and the shifted next-token loss when ``labels`` is given, -100 ignored).
 
         ``output_hidden_states`` / ``output_attentions``: transformers' fields, for the decoder and (in
-        ``image_outputs``) the vision tower; see the module docstring."""
+        ``image_outputs``) the vision tower; see the module docstring. Inputs are checked here, once."""
+        check_decoder_inputs(input_ids, None, attention_mask, kv_cache, self.config.text_config.vocab_size)
+        decoding = kv_cache is not None and input_ids.shape[1] == 1  # a sampled token fed back through the cache
+        check_image_inputs(self.config, input_ids, pixel_values, image_sizes, batch_num_images, self.views_per_image,
+                           decoding)
         embeds, images = self._embed(input_ids, pixel_values, image_sizes, batch_num_images, output_hidden_states,
-                                     output_attentions, kv_cache_step=kv_cache is not None)
+                                     output_attentions)
         out = self.language_model(
             inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
             labels=labels, logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states,
@@ -227,29 +202,11 @@ class R4BForConditionalGeneration(nn.Module):
                                  attentions=out.attentions, image_outputs=images)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo: str | Path,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        revision: str | None = None,
-        progress: bool = False,
-        check_finite: bool = False,
-    ) -> "R4BForConditionalGeneration":
-        """Load an R-4B checkpoint (local directory or hub id) strictly; see r4b_weights.loader.
+    def _config_from_hf(cls, raw: dict, source: str) -> R4BConfig:
+        return R4BConfig.from_hf_dict(raw, source=source)
 
-        dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
-        device: checked before anything is read or downloaded (a ValueError naming it and the devices this
-        torch offers). check_finite: refuse NaN / Inf weights, naming the first tensor and its file (one
-        extra pass over the weights).
-        """
-        from r4b_core.devices import check_device
-        from r4b_weights.loader import check_layer_counts, load_r4b_weights, open_checkpoint  # the layer below, on use
+    @classmethod
+    def _weights_loader(cls):
+        from r4b_weights.loader import load_r4b_weights  # the layer below, on use
 
-        device = check_device(device)
-        directory, config_path, raw = open_checkpoint(path_or_repo, revision)
-        config = R4BConfig.from_hf_dict(raw, source=str(config_path))
-        check_layer_counts(directory, config, config_path, raw)  # before building that many layers
-        with torch.device("meta"):
-            model = cls(config)
-        return load_r4b_weights(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()
+        return load_r4b_weights

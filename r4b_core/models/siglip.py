@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r4b_core.models.attention import AttentionRecorder, attend, attention, attention_probs
+from r4b_core.models.attention import compute_attention
+from r4b_core.models.cache_interface import AttentionRecorder
 from r4b_core.config import VisionConfig
 from r4b_core.models.hooks import HookPoint
 
@@ -80,14 +81,8 @@ class SiglipAttention(nn.Module):
         q = self.hook_q(self.q_proj(x).view(shape).transpose(1, 2))  # [V, H, P, Dh]
         k = self.hook_k(self.k_proj(x).view(shape).transpose(1, 2))
         v = self.hook_v(self.v_proj(x).view(shape).transpose(1, 2))
-        dropout_p = self.dropout if self.training else 0.0
-        if attentions is not None or self.hook_pattern.has_hooks:  # explicit softmax only when asked for
-            probs = self.hook_pattern(attention_probs(q, k, None, is_causal=False, scale=self.scale))  # [V, H, P, P]
-            if attentions is not None:
-                attentions.add(probs)
-            out = attend(probs, v, dropout_p)  # [V, H, P, Dh]
-        else:
-            out = attention(q, k, v, None, is_causal=False, scale=self.scale, dropout_p=dropout_p)  # [V, H, P, Dh]
+        out = compute_attention(q, k, v, scale=self.scale, causal=False, pattern_hook=self.hook_pattern,
+                                recorder=attentions, dropout_p=self.dropout if self.training else 0.0)  # [V, H, P, Dh]
         z = self.hook_z(out.transpose(1, 2))  # [V, P, H, Dh]
         return self.out_proj(z.reshape(V, P, -1))
 

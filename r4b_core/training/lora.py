@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r4b_core.training.model_setup import canonical_name
+from r4b_core.models.hooks import canonical_name
 
 DEFAULT_TARGETS = (r"language_model\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",)
 ADAPTER_FORMAT = "r4b-lora-1"

@@ -16,8 +16,9 @@ The model files hold no distributed, checkpointing or compile code: the units ar
 
 Names. ``checkpoint_wrapper`` nests each wrapped block one level deeper
 (``layers.0._checkpoint_wrapped_module.mlp...``) in ``named_parameters`` while ``state_dict()`` keeps
-the plain names; ``canonical_name`` strips the wrapper parts (also ``_orig_mod.`` of a
-``torch.compile`` wrapper; ``compile_blocks`` compiles in place and adds none).
+the plain names; ``canonical_name`` (r4b_core/models/hooks.py, shared with the hook names) strips the
+wrapper parts (also ``_orig_mod.`` of a ``torch.compile`` wrapper; ``compile_blocks`` compiles in place
+and adds none).
 
 Activation-checkpointing memory, measured with ``python scripts/measure_ac_memory.py`` (2-core CPU,
 fp32, torch 2.13; each configuration in a fresh process): one forward + backward of the ``small`` preset
@@ -43,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from r4b_core.models.hooks import canonical_name
 from r4b_core.training.data import IGNORE_INDEX
 
 # parts of R4BForConditionalGeneration, by the first component of a parameter's name
@@ -51,14 +53,6 @@ PARTS = {
     "projector": ("multi_modal_projector", "image_newline"),
     "text": ("language_model",),  # embeddings, decoder, final norm, lm_head
 }
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter / module name without the parts activation-checkpoint and compile wrappers add."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name.removesuffix("._checkpoint_wrapped_module").removesuffix("._orig_mod")
 
 
 def vision_blocks(model: nn.Module) -> nn.ModuleList:
