@@ -57,7 +57,8 @@ def decode_attention_reference(
 
 def gather_paged_kv(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
     """pool [NB, P, Hkv, D], block_table [B, M] int -> [B, Hkv, num_tokens, D], each sequence's first
-    ``num_tokens`` (default M * P) token slots in order (a copy; a permuted view of it, not contiguous).
+    ``num_tokens`` (default M * P) token slots in order (a fresh copy, returned as a permuted view of it:
+    not contiguous; callers may modify it in place).
 
     Table entries are clamped to [0, NB), so unused entries (-1 or anything) gather some block: slots past
     a sequence's length hold whatever that block holds and must be masked by the caller.
@@ -72,10 +73,18 @@ def gather_paged_kv(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: i
     num_tokens = M * P if num_tokens is None else num_tokens
     if not 0 < num_tokens <= M * P:
         raise ValueError(f"num_tokens must lie in [1, {M} * {P}] (the block table's reach), got {num_tokens}.")
+    return gather_paged_tokens(pool, block_table, num_tokens).permute(0, 2, 1, 3)  # [B, Hkv, num_tokens, D]
+
+
+def gather_paged_tokens(pool: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``gather_paged_kv`` before its permute: [B, num_tokens, Hkv, D], a fresh copy (contiguous when
+    num_tokens is a multiple of the block size)."""
+    NB, P, Hkv, D = pool.shape
+    B = block_table.shape[0]
     n_blocks = -(-num_tokens // P)
     ids = block_table[:, :n_blocks].to(device=pool.device, dtype=torch.long).clamp(0, NB - 1)  # [B, n_blocks]
-    tokens = pool[ids].reshape(B, n_blocks * P, Hkv, D)[:, :num_tokens]  # [B, num_tokens, Hkv, D]
-    return tokens.permute(0, 2, 1, 3)  # [B, Hkv, num_tokens, D]
+    tokens = pool.index_select(0, ids.reshape(-1))  # [B * n_blocks, P, Hkv, D], a copy (faster than pool[ids])
+    return tokens.reshape(B, n_blocks * P, Hkv, D)[:, :num_tokens]  # [B, num_tokens, Hkv, D]
 
 
 def paged_decode_attention_reference(

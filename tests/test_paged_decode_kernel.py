@@ -154,7 +154,9 @@ def test_bf16_pool_with_fp32_query():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sdpa_path_matches_reference(dtype):
-    """The CPU path (gather every listed block, SDPA in q's dtype): NaN in recycled slots does not leak."""
+    """The CPU path (gather every listed block, SDPA in q's dtype): NaN in recycled slots (the tail of a
+    sequence's last block, blocks listed past its length, a sequence shorter than one block) does not leak;
+    it compiles with fullgraph=True."""
     q, k_pool, v_pool, table, lens = make_paged_inputs(3, 2, 4, 8, 32, [1, 20, 16], dtype, seed=9,
                                                        shared_blocks=0)
     table = table.clamp(min=0)  # unused entries point at real (NaN-holding) blocks
@@ -162,6 +164,8 @@ def test_sdpa_path_matches_reference(dtype):
     want = paged_decode_attention_reference(q.float(), k_pool, v_pool, table, lens, 0.25)
     assert got.dtype == dtype and torch.isfinite(got).all()
     assert rel_error(got, want) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    compiled = torch.compile(paged_decode_attention_sdpa, fullgraph=True, backend="aot_eager")  # static shapes
+    assert torch.equal(compiled(q, k_pool, v_pool, table, lens, 0.25), got)
 
 
 def test_op_dispatch_and_notice_rules(monkeypatch):
