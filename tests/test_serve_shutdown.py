@@ -65,11 +65,12 @@ def _post_json(url: str, body: dict, out: list) -> None:
 
 
 def test_sigterm_finishes_running_and_queued_requests_and_exits_0(tiny_checkpoint, tmp_path):
-    server = ServerProcess(tiny_checkpoint, tmp_path, "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "512",
+    server = ServerProcess(tiny_checkpoint, tmp_path, "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "4096",
                            "--shutdown-timeout", "60")
     try:
         streamed, started = [], threading.Event()
-        running = threading.Thread(target=_stream_lines, args=(server.url, {"messages": MESSAGES, "max_tokens": 120},
+        # long enough that it still runs while the queue fills (the tiny model decodes thousands of tokens/s)
+        running = threading.Thread(target=_stream_lines, args=(server.url, {"messages": MESSAGES, "max_tokens": 600, "min_tokens": 600},
                                                                streamed, started))
         running.start()
         assert started.wait(60)
@@ -77,12 +78,14 @@ def test_sigterm_finishes_running_and_queued_requests_and_exits_0(tiny_checkpoin
         queued = threading.Thread(target=_post_json, args=(server.url, {"messages": MESSAGES, "max_tokens": 4},
                                                            queued_result))
         queued.start()
+        end = time.monotonic() + 30
         while server.health()["queued"] == 0:
+            assert time.monotonic() < end and running.is_alive(), f"the second request never queued: {server.health()}"
             time.sleep(0.005)
         refused = httpx.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4})
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
         stats = server.health()
-        assert stats["active"] == 1 and stats["queued"] == 1 and stats["generated_tokens"] < 120  # both in flight
+        assert stats["active"] == 1 and stats["queued"] == 1 and stats["generated_tokens"] < 600  # both in flight
         server.process.send_signal(signal.SIGTERM)
         assert server.wait_exit() == 0, server.log.read_text()
         running.join(10)

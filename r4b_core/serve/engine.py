@@ -205,6 +205,7 @@ class Engine:
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
         self._active = 0
+        self._waiting = 0  # sequences the scheduler holds but does not run (moved from _queue, or preempted)
         self.counters = collections.Counter()  # requests by finish reason, tokens, steps
 
     # ------------------------------------------------------------------------------------------
@@ -242,8 +243,8 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down and admits no new requests.")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFullError(f"{len(self._queue)} requests are already waiting (--max-queue "
+            if len(self._queue) + self._waiting >= self.max_queue:
+                raise QueueFullError(f"{len(self._queue) + self._waiting} requests are already waiting (--max-queue "
                                      f"{self.max_queue}); retry later.")
             request.submitted_at = time.perf_counter()
             self._queue.append(request)
@@ -274,7 +275,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         with self._cond:
             usage = self.pool.usage()
-            return {"slots": self.max_batch_size, "active": self._active, "queued": len(self._queue),
+            return {"slots": self.max_batch_size, "active": self._active, "queued": len(self._queue) + self._waiting,
                     "max_queue": self.max_queue, "max_seq_len": self.max_seq_len, "accepting": self.accepting,
                     "kv_cache_tokens": self.kv_cache_tokens,
                     "kv_cache_bytes": self.cache.nbytes,
@@ -305,7 +306,7 @@ class Engine:
 
     def _publish_active(self) -> None:
         with self._cond:
-            self._active = len(self.scheduler.running)
+            self._active, self._waiting = len(self.scheduler.running), len(self.scheduler.waiting)
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; move new requests to the scheduler. False: exit."""
@@ -336,7 +337,7 @@ class Engine:
                 if request._image_digest is not None and self.runner.image_token_id in prompt:
                     seq.image_starts[prompt.index(self.runner.image_token_id)] = request._image_digest
                 sched.waiting.append(seq)
-            self._active = len(sched.running)
+            self._active, self._waiting = len(sched.running), len(sched.waiting)
         for request in expired:
             error = "the server shut down before the request finished" if self._stopping else None
             self._finish(request, "cancelled", error=error)
