@@ -41,10 +41,12 @@ def _uvicorn_config(app, host: str, port: int, deadline_s: float, log_level: str
 
 
 def serve_forever(app, engine: Engine, host: str = "127.0.0.1", port: int = 8000, deadline_s: float = 30.0,
-                  log_level: str = "info") -> None:
-    """Serve until SIGTERM / SIGINT (see the module docstring); returns after a graceful shutdown."""
+                  log_level: str = "info", sockets: list[socket.socket] | None = None) -> None:
+    """Serve until SIGTERM / SIGINT (see the module docstring); returns after a graceful shutdown.
+    ``sockets``: already bound sockets to listen on instead of binding ``host``:``port`` (``r4b serve``
+    binds before loading the weights, so a taken port fails at once)."""
     server = _GracefulServer(_uvicorn_config(app, host, port, deadline_s, log_level), engine, deadline_s)
-    server.run()
+    server.run(sockets=sockets)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
