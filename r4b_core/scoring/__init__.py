@@ -1,4 +1,5 @@
-"""Answer extraction and checking after ``</think>``: option letters, option text, numbers and math (math-verify), exact text; used by r4b eval and the training rewards.
+"""Answer extraction and checking after ``</think>``: option letters, option text, numbers and math
+(math-verify), exact text; used by r4b eval and the training rewards.
 
 Public API (imported by r4b_core/eval and r4b_core/training's rewards)::
 
