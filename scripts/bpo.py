@@ -42,11 +42,11 @@ from r4b_core.models.r4b import R4BForConditionalGeneration  # noqa: E402
 from r4b_core.processing.processor import R4BProcessor  # noqa: E402
 from r4b_core.scoring.score import split_answer  # noqa: E402
 from r4b_core.training.bpo_step import REFERENCE_ADAPTERS_OFF, BPOConfig, bpo_step  # noqa: E402
-from r4b_core.training.data import build_training_example, collate  # noqa: E402
+from r4b_core.training.logprobs import response_logprobs  # noqa: E402
 from r4b_core.training.lora import apply_lora  # noqa: E402
-from r4b_core.training.model_setup import causal_lm_loss_sum, count_target_tokens, param_groups  # noqa: E402
+from r4b_core.training.model_setup import param_groups  # noqa: E402
 from r4b_core.training.rewards import Completion, correct_answer, default_rewards, format_ok  # noqa: E402
-from r4b_core.training.rollouts import RolloutPrompt, left_pad, stack_images, mode_prompt_ids  # noqa: E402
+from r4b_core.training.rollouts import RolloutPrompt, left_pad, mode_prompt_ids, right_pad, stack_images, to_model  # noqa: E402
 from r4b_core.training.state import latest_state, load_training_state, read_manifest, save_training_state  # noqa: E402
 
 EVAL_OFFSET = 10**9  # held-out items come from indices the training streams never reach
@@ -106,27 +106,46 @@ def rollout_prompt(item: dict) -> RolloutPrompt:
 # stage 1: bi-mode annealing
 
 
+def annealing_batch(processor, args, first: int) -> dict:
+    """Examples ``first .. first + anneal_batch`` as (prompt in its mode, response) rows: the response is what
+    the model writes after that mode's generation prompt, ended by ``<|im_end|>`` (what it learns to stop on)."""
+    end = processor.tokenizer.token_to_id("<|im_end|>")
+    prompt_rows, response_rows, images = [], [], []
+    for i in range(first, first + args.anneal_batch):
+        item = task_item(i, args.seed, args.image_size)
+        mode, messages = annealing_conversation(item)
+        inputs = processor(messages=messages[:1], images=[item["image"]], thinking_mode=mode)
+        forced = {"auto": "", "long": "<think>\n", "short": "<think>\n\n</think>\n\n"}[mode]
+        content = messages[1]["content"]
+        prompt_rows.append(inputs["input_ids"][0].tolist())
+        response_rows.append(processor.encode(content[len(forced):]) + [end])
+        images.append(inputs)
+    prompt_ids, prompt_mask = left_pad(prompt_rows, processor.pad_token_id)
+    response_ids, response_mask = right_pad(response_rows, processor.pad_token_id)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+            "response_mask": response_mask, "images": stack_images(images)}
+
+
 def anneal(model, processor, args) -> list[float]:
+    """Bi-mode annealing: SFT (mean token cross entropy of the responses) on the mixed-mode examples. The
+    response log-probs come from logprobs.response_logprobs, so only the response positions reach lm_head
+    (the same numbers as training.data.build_training_example's labels would give; tests/test_bpo_script.py)."""
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=args.anneal_lr, betas=(0.9, 0.95))
     warmup = max(1, args.anneal_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     losses = []
     model.train()
     for step in range(args.anneal_steps):
-        examples = []
-        for i in range(step * args.anneal_batch, (step + 1) * args.anneal_batch):
-            item = task_item(i, args.seed, args.image_size)
-            mode, messages = annealing_conversation(item)
-            examples.append(build_training_example(processor, messages, [item["image"]], thinking_mode=mode))
-        batch = collate(examples, processor.pad_token_id)
-        labels = batch.pop("labels")
-        loss = causal_lm_loss_sum(model(**batch).logits, labels) / count_target_tokens(labels)
+        b = annealing_batch(processor, args, step * args.anneal_batch)
+        logp = response_logprobs(model, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"],
+                                 images=to_model(b["images"], model))
+        loss = -logp.sum() / b["response_mask"].sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0 or step == args.anneal_steps - 1:
             say(f"anneal {step + 1:4d}/{args.anneal_steps}  loss {losses[-1]:.4f}")
     return losses
