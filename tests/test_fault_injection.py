@@ -166,6 +166,7 @@ def test_single_process_kill_at_more_random_points(tmp_path, seed):
     single_process_case(tmp_path, seed=seed, steps=6, save_every=2 + seed % 2, files=1 + seed % 4, pause=2.0)
 
 
+@pytest.mark.slow  # 28 s of torchrun; the default suite keeps the single-process kill-and-resume case
 def test_fsdp2_two_processes_kill_during_sharded_save_then_resume(tmp_path):
     cache, out, log = tmp_path / "cache", tmp_path / "out", tmp_path / "loss.jsonl"
     steps, save_every = 4, 2
