@@ -200,3 +200,30 @@ def test_steering_during_generate(recipes):
             assert int(logits[0, -1].argmax()) == token
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     assert not any(m._forward_hooks for m in model.modules())  # the with-block removed the hook
+
+
+# ---------------------------------------------------------------------------------------------------------
+# docs/eval.md: the steering recipe
+
+
+def test_eval_recipe_compares_a_steered_model_with_the_plain_one(tiny_model, tiny_processor, tmp_path):
+    """The block runs as written; the hook changes the answers (so it was attached during the steered run) and
+    is gone afterwards (a plain run repeats the plain answers)."""
+    from test_eval import write_tsv
+
+    from r4b_core.eval import LocalBackend, evaluate, load_benchmark
+
+    (block,) = python_blocks("docs/eval.md", "## In Python")
+    torch.manual_seed(0)
+    direction = torch.randn(tiny_model.config.text_config.hidden_size)
+    namespace = {"model": tiny_model, "processor": tiny_processor, "direction": direction,
+                 "data_path": write_tsv(tmp_path / "bench.tsv")}
+    printed = run_quietly(block, "docs/eval.md recipe", namespace)
+    plain, steered = namespace["plain"], namespace["steered"]
+    assert set(plain) == set(steered) == {"auto", "short"} and printed.count("auto") >= 2
+    items = load_benchmark(namespace["data_path"])
+    with LocalBackend(tiny_model, tiny_processor, max_new_tokens=64) as backend:
+        _, summary = evaluate(items, backend, ["auto", "short"], progress=False)
+    tokens = lambda report: {m: report[m]["output_tokens"] for m in report}  # noqa: E731
+    assert tokens(summary) == tokens(plain)  # the hook is gone: plain answers again
+    assert tokens(steered) != tokens(plain)  # and it was attached during the steered run

@@ -188,9 +188,8 @@ class R4BForConditionalGeneration(FromPretrained, nn.Module):
         ``output_hidden_states`` / ``output_attentions``: transformers' fields, for the decoder and (in
         ``image_outputs``) the vision tower; see the module docstring. Inputs are checked here, once."""
         check_decoder_inputs(input_ids, None, attention_mask, kv_cache, self.config.text_config.vocab_size)
-        decoding = kv_cache is not None and input_ids.shape[1] == 1  # a sampled token fed back through the cache
         check_image_inputs(self.config, input_ids, pixel_values, image_sizes, batch_num_images, self.views_per_image,
-                           decoding)
+                           decoding=kv_cache is not None and input_ids.shape[1] == 1)  # a sampled token fed back
         embeds, images = self._embed(input_ids, pixel_values, image_sizes, batch_num_images, output_hidden_states,
                                      output_attentions)
         out = self.language_model(
