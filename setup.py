@@ -31,6 +31,7 @@ setup(
                  "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.40", "llguidance>=1.0", "jsonschema",
                  # tests/test_scoring*.py, tests/test_eval*.py: math-verify and the eval plot
                  "math-verify[antlr4_13_2]>=0.7", "matplotlib",
+                 "schemathesis>=4.0",  # tests/test_hardening_api_fuzz.py drives the API from its OpenAPI description
                  # the decode kernel's tests run it under TRITON_INTERPRET=1 on the CPU
                  "triton==3.9.0; sys_platform == 'linux' and platform_machine == 'x86_64'"],
     },
