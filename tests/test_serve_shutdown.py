@@ -69,7 +69,7 @@ def test_sigterm_finishes_running_and_queued_requests_and_exits_0(tiny_checkpoin
                            "--shutdown-timeout", "60")
     try:
         streamed, started = [], threading.Event()
-        # long enough that it still runs while the queue fills (the tiny model decodes thousands of tokens/s)
+        # forced past the random model's EOS (min_tokens), so it still runs while the second request queues
         running = threading.Thread(target=_stream_lines, args=(server.url, {"messages": MESSAGES, "max_tokens": 600, "min_tokens": 600},
                                                                streamed, started))
         running.start()
