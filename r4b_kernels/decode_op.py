@@ -3,9 +3,9 @@
 ``torch.ops.r4b.decode_attention`` wraps the contiguous-cache kernel; ``torch.ops.r4b.paged_decode_attention``
 the paged one (``paged_decode_attention.py``). ``paged_decode_attention_op(..., backend)`` picks the
 paged kernel on CUDA and the gather-then-SDPA path (``paged_decode_attention_sdpa``) elsewhere, with the
-rules of r4b_core/models/attention.py's ``resolve_decode_backend``: "auto" = Triton on CUDA when it can
-run these shapes, else SDPA (a one-line notice on CUDA); "triton" forced raises when it cannot run (on
-the CPU it runs under TRITON_INTERPRET=1); "sdpa" always the PyTorch path.
+rules of ``backend.resolve_decode_backend`` (shared with the contiguous cache): "auto" = Triton on CUDA
+when it can run these shapes, else SDPA (a one-line notice on CUDA); "triton" forced raises when it
+cannot run (on the CPU it runs under TRITON_INTERPRET=1); "sdpa" always the PyTorch path.
 
 A custom op is opaque to torch.compile: the compiled decode step (``fullgraph=True``) calls it without a
 graph break, its fake implementation gives the output's shape and dtype, and it is capturable in CUDA
@@ -16,18 +16,15 @@ graphs because the call makes no host sync (lengths are trusted: ``check_seq_len
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
+from r4b_kernels.backend import BACKENDS, resolve_decode_backend
 from r4b_kernels.decode_attention import decode_attention, default_num_splits, supports
 from r4b_kernels.paged_decode_attention import paged_decode_attention, supports_paged
 from r4b_kernels.reference import gather_paged_tokens
-from r4b_kernels.triton_runtime import unavailable_reason
 
-__all__ = ["decode_attention_op", "paged_decode_attention_op", "paged_decode_attention_sdpa",
-           "resolve_paged_backend"]
+__all__ = ["decode_attention_op", "paged_decode_attention_op", "paged_decode_attention_sdpa"]
 
 
 def _op_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -35,23 +32,24 @@ def _op_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_
     return decode_attention(q, k_cache, v_cache, seq_lens, scale, num_splits, check_seq_lens=False)
 
 
-def _op_fake(q, k_cache, v_cache, seq_lens, scale, num_splits):
-    return q.new_empty(q.shape)  # contiguous [B, Hq, D], like the real output
+def _fake(q: torch.Tensor, *args) -> torch.Tensor:
+    """Both ops' fake implementation: a contiguous [B, Hq, D] in q's dtype, like the real output."""
+    return q.new_empty(q.shape)
 
 
-def _register_op():
-    """torch.ops.r4b.decode_attention, registered once per process (a re-imported module reuses it)."""
+def _register_op(name: str, impl):
+    """torch.ops.r4b.<name> for ``impl``, registered once per process (a re-imported module reuses it)."""
     if not hasattr(torch.library, "custom_op"):  # pragma: no cover  (torch < 2.4)
         return None
     try:
-        return torch.ops.r4b.decode_attention
+        return getattr(torch.ops.r4b, name)
     except (AttributeError, RuntimeError):
-        op = torch.library.custom_op("r4b::decode_attention", mutates_args=())(_op_impl)
-        op.register_fake(_op_fake)
-        return torch.ops.r4b.decode_attention
+        op = torch.library.custom_op(f"r4b::{name}", mutates_args=())(impl)
+        op.register_fake(_fake)
+        return getattr(torch.ops.r4b, name)
 
 
-_decode_op = _register_op()
+_decode_op = _register_op("decode_attention", _op_impl)
 
 
 def decode_attention_op(
@@ -86,53 +84,8 @@ def _paged_impl(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, blo
     return paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, scale, num_splits, check_seq_lens=False)
 
 
-def _paged_fake(q, k_pool, v_pool, block_table, seq_lens, scale, num_splits):
-    return q.new_empty(q.shape)
-
-
-def _register_paged_op():
-    """torch.ops.r4b.paged_decode_attention, registered once per process."""
-    if not hasattr(torch.library, "custom_op"):  # pragma: no cover  (torch < 2.4)
-        return None
-    try:
-        return torch.ops.r4b.paged_decode_attention
-    except (AttributeError, RuntimeError):
-        op = torch.library.custom_op("r4b::paged_decode_attention", mutates_args=())(_paged_impl)
-        op.register_fake(_paged_fake)
-        return torch.ops.r4b.paged_decode_attention
-
-
-_paged_op = _register_paged_op()
+_paged_op = _register_op("paged_decode_attention", _paged_impl)
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
-
-
-class PagedBackendError(ValueError):
-    """The forced "triton" backend cannot run the paged op here."""
-
-
-def resolve_paged_backend(backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, n_heads: int,
-                          n_kv_heads: int) -> str:
-    """"triton" or "sdpa" for the paged decode step on this device/dtype/head geometry (call it once, outside
-    compiled code; the same signature and rules as r4b_core.models.attention.resolve_decode_backend).
-
-    "auto": Triton on a CUDA device when the kernel handles the shapes, else "sdpa" (with a one-line
-    warning on CUDA, silently elsewhere); "triton": raises PagedBackendError when it cannot run (on the
-    CPU it runs under TRITON_INTERPRET=1); "sdpa": "sdpa".
-    """
-    if backend not in ("auto", "sdpa", "triton"):
-        raise ValueError(f"unknown paged attention backend {backend!r}; choose one of auto, sdpa, triton.")
-    device = torch.device(device)
-    if backend == "sdpa" or (backend == "auto" and device.type != "cuda"):
-        return "sdpa"
-    probe_q = torch.empty(1, n_heads, head_dim, dtype=dtype, device="meta")
-    probe_pool = torch.empty(1, 1, n_kv_heads, head_dim, dtype=dtype, device="meta")
-    problem = unavailable_reason(device) or supports_paged(probe_q, probe_pool)
-    if problem is None:
-        return "triton"
-    if backend == "triton":
-        raise PagedBackendError(f"paged attention backend 'triton' was requested but cannot run: {problem}.")
-    warnings.warn(f"r4b: Triton paged decode attention unavailable ({problem}); using SDPA.", stacklevel=3)
-    return "sdpa"
 
 
 def paged_decode_attention_sdpa(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -181,15 +134,15 @@ def paged_decode_attention_op(
 
     ``backend`` "triton" runs the custom op ``torch.ops.r4b.paged_decode_attention`` (opaque to
     torch.compile, no host sync, CUDA-graph capturable; lengths trusted, clamped in the kernel); "sdpa"
-    runs ``paged_decode_attention_sdpa``; "auto" resolves with ``resolve_paged_backend`` on each call
+    runs ``paged_decode_attention_sdpa``; "auto" resolves with ``backend.resolve_decode_backend`` on each call
     (inside a compiled step pass the resolved one). Shapes/dtypes are validated (ValueError).
     """
     if backend == "auto":
-        backend = resolve_paged_backend(backend, q.device, q.dtype, q.shape[2], q.shape[1], k_pool.shape[2])
+        backend = resolve_decode_backend(backend, q.device, q.dtype, q.shape[2], q.shape[1], k_pool.shape[2])
     if backend == "sdpa":
         return paged_decode_attention_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale)
     if backend != "triton":
-        raise ValueError(f"unknown paged attention backend {backend!r}; choose one of auto, sdpa, triton.")
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     reason = supports_paged(q, k_pool, v_pool, block_table, seq_lens)
     if reason is not None:
         raise ValueError(f"paged_decode_attention: {reason}.")

@@ -266,7 +266,7 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path):
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from r4b_kernels import decode_attention as da, paged_decode_attention as pda
+        from r4b_kernels import split_kv
 
         def build(fn, types, constexprs, arch, aligned):
             names = list(inspect.signature(fn).parameters)
@@ -276,30 +276,30 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path):
                                     target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
             return kernel.metadata.shared, kernel.asm["ptx"]
 
-        strides = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
-                   "stride_vs", "stride_ob", "stride_oh"]
+        strides = ["stride_qb", "stride_qh", "stride_kblk", "stride_kslot", "stride_kh", "stride_vblk",
+                   "stride_vslot", "stride_vh", "stride_ob", "stride_oh"]
         for dt, arch in (("bf16", 90), ("fp32", 80)):
-            types = {"Q": "*" + dt, "K": "*" + dt, "V": "*" + dt, "OUT": "*" + dt, "SEQ_LENS": "*i32",
-                     "O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"}
-            const = dict(stride_qd=1, stride_od=1, G=4, D=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=da.DEFAULT_BLOCK_N,
-                         WRITE_OUT=False, IEEE_DOT=dt == "fp32", UPCAST=False)
-            shared, ptx = build(da._split_kernel, types, const, arch, list(types)[:7] + strides)
+            # the contiguous cache (PAGED=False: no table read, the table pointer a stand-in)
+            types = {"Q": "*" + dt, "K": "*" + dt, "V": "*" + dt, "BLOCK_TABLE": "*i32", "SEQ_LENS": "*i32",
+                     "OUT": "*" + dt, "O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"}
+            const = dict(stride_qd=1, stride_od=1, stride_tb=0, stride_tm=0, G=4, D=128, PAGED=False, PAGE=1,
+                         BLOCK_G=16, BLOCK_D=128, BLOCK_N=split_kv.DEFAULT_BLOCK_N, WRITE_OUT=False,
+                         IEEE_DOT=dt == "fp32", UPCAST=False)
+            shared, ptx = build(split_kv._split_kernel, types, const, arch, list(types)[:8] + strides)
             assert shared <= 99 * 1024, (dt, shared)
             assert ("mma.sync" in ptx) == (dt == "bf16"), dt  # tensor cores for bf16, exact FMA for fp32
             # the paged kernel (16-token blocks): the same tiles, so the same shared memory, dots and
             # 16-byte cp.async copies of K/V rows despite the per-token block lookup
-            paged_types = dict(types, BLOCK_TABLE="*i32")
-            paged_const = dict(const, stride_tm=1, PAGE=16)
-            paged_strides = ["stride_qb", "stride_qh", "stride_kblk", "stride_kslot", "stride_kh", "stride_vblk",
-                             "stride_vslot", "stride_vh", "stride_ob", "stride_oh"]
-            paged_shared, paged_ptx = build(pda._paged_split_kernel, paged_types, paged_const, arch,
-                                            [n for n in paged_types if n != "qk_scale"] + paged_strides)
+            paged_const = {k: v for k, v in const.items() if k != "stride_tb"}
+            paged_const.update(stride_tm=1, PAGED=True, PAGE=16)
+            paged_shared, paged_ptx = build(split_kv._split_kernel, types, paged_const, arch,
+                                            list(types)[:8] + strides)
             assert paged_shared == shared, (dt, paged_shared, shared)
             assert ("mma.sync" in paged_ptx) == (dt == "bf16"), dt
             copies = "cp.async.cg.shared.global"
             assert paged_ptx.count(copies) == ptx.count(copies) > 0, (dt, paged_ptx.count(copies), ptx.count(copies))
         types = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": "*bf16"}
-        build(da._merge_kernel, types, dict(stride_od=1, D=128, BLOCK_D=128, BLOCK_S=64, CHUNK=16), 90, [])
+        build(split_kv._merge_kernel, types, dict(stride_od=1, D=128, BLOCK_D=128, BLOCK_S=64, CHUNK=16), 90, [])
         print("ok")
     """)
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")

@@ -21,14 +21,10 @@ import torch
 
 import triton  # noqa: E402,F401  (a missing Triton must fail, not skip)
 
-from r4b_kernels import decode_op
+from r4b_kernels import decode_attention as contiguous_kernel
+from r4b_kernels.backend import BackendUnavailableError, resolve_decode_backend
 from r4b_kernels.decode_attention import decode_attention, make_workspace
-from r4b_kernels.decode_op import (
-    PagedBackendError,
-    paged_decode_attention_op,
-    paged_decode_attention_sdpa,
-    resolve_paged_backend,
-)
+from r4b_kernels.decode_op import paged_decode_attention_op, paged_decode_attention_sdpa
 from r4b_kernels.paged_decode_attention import paged_decode_attention, supports_paged
 from r4b_kernels.reference import decode_attention_reference, gather_paged_kv, paged_decode_attention_reference
 
@@ -173,23 +169,23 @@ def test_op_dispatch_and_notice_rules(monkeypatch):
     want = paged_decode_attention_reference(q, k_pool, v_pool, table, lens, 0.125)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" off CUDA: SDPA, silently
-        assert resolve_paged_backend("auto", "cpu", torch.float32, 64, 4, 1) == "sdpa"
+        assert resolve_decode_backend("auto", "cpu", torch.float32, 64, 4, 1) == "sdpa"
         assert rel_error(paged_decode_attention_op(q, k_pool, v_pool, table, lens, 0.125), want) <= 1e-5
-    assert resolve_paged_backend("triton", "cpu", torch.float32, 64, 4, 1) == "triton"  # interpreter
+    assert resolve_decode_backend("triton", "cpu", torch.float32, 64, 4, 1) == "triton"  # interpreter
     assert rel_error(paged_decode_attention_op(q, k_pool, v_pool, table, lens, 0.125, "triton"), want) <= 1e-5
-    assert resolve_paged_backend("sdpa", "cuda", torch.float32, 64, 4, 1) == "sdpa"
-    with pytest.raises(PagedBackendError, match="head_dim 320 exceeds 256"):
-        resolve_paged_backend("triton", "cpu", torch.float32, 320, 4, 1)
-    monkeypatch.setattr(decode_op, "unavailable_reason", lambda device: None)  # as if CUDA + Triton were here
-    assert resolve_paged_backend("auto", "cuda", torch.bfloat16, 128, 32, 8) == "triton"
-    with pytest.warns(UserWarning, match=r"Triton paged decode attention unavailable \(head_dim 320"):
-        assert resolve_paged_backend("auto", "cuda", torch.bfloat16, 320, 32, 8) == "sdpa"
+    assert resolve_decode_backend("sdpa", "cuda", torch.float32, 64, 4, 1) == "sdpa"
+    with pytest.raises(BackendUnavailableError, match="head_dim 320 exceeds 256"):
+        resolve_decode_backend("triton", "cpu", torch.float32, 320, 4, 1)
+    monkeypatch.setattr(contiguous_kernel, "unavailable_reason", lambda device: None)  # as if CUDA + Triton were here
+    assert resolve_decode_backend("auto", "cuda", torch.bfloat16, 128, 32, 8) == "triton"
+    with pytest.warns(UserWarning, match=r"Triton decode attention unavailable \(head_dim 320"):
+        assert resolve_decode_backend("auto", "cuda", torch.bfloat16, 320, 32, 8) == "sdpa"
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(PagedBackendError, match="not a CUDA device"):
-        resolve_paged_backend("triton", "cpu", torch.float32, 64, 4, 1)
-    with pytest.raises(ValueError, match="unknown paged attention backend"):
-        resolve_paged_backend("flash", "cpu", torch.float32, 64, 4, 1)
+    with pytest.raises(BackendUnavailableError, match="not a CUDA device"):
+        resolve_decode_backend("triton", "cpu", torch.float32, 64, 4, 1)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_decode_backend("flash", "cpu", torch.float32, 64, 4, 1)
 
 
 def test_custom_op_compiles_without_graph_breaks():

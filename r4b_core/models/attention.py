@@ -24,8 +24,9 @@ against a layer of the KV cache: q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], s
 slots per sequence, the new token included). Backends:
     "sdpa"    the reference: SDPA over the S slots given with a length mask (static shapes)
     "triton"  r4b_kernels' split-KV GQA flash-decoding kernel (reads only seq_lens[b] slots)
-The backend is chosen by argument, never at import time: ``resolve_decode_backend`` turns "auto",
-"sdpa" or "triton" into a concrete one for a device/dtype/head size; "auto" picks Triton on CUDA when
+The backend is chosen by argument, never at import time: ``resolve_decode_backend`` (from
+r4b_kernels/backend.py, the rules shared with the paged cache) turns "auto", "sdpa" or "triton" into a
+concrete one for a device/dtype/head size; "auto" picks Triton on CUDA when
 the kernel supports the shape (falling back to SDPA with a one-line notice when it does not) and
 SDPA on every other device; a forced "triton" that cannot run raises (on the CPU it runs under
 TRITON_INTERPRET=1, which is how the tests exercise it).
@@ -38,22 +39,18 @@ layer's ``hook_pattern``); an ``AttentionRecorder`` collects them during one for
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from r4b_core.models.cache_interface import AttentionCache, AttentionLayout, AttentionRecorder
+from r4b_kernels.backend import BackendUnavailableError, resolve_decode_backend  # no Triton import
 
-BACKENDS = ("auto", "sdpa", "triton")
+__all__ = ["BackendUnavailableError", "attend", "attention", "attention_probs", "compute_attention",
+           "decode_attention", "resolve_decode_backend"]
 
 # SDPA learned `enable_gqa` in torch 2.5; before that K/V heads are expanded explicitly.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-class BackendUnavailableError(ValueError):
-    """A forced attention backend cannot run here (no Triton, not a CUDA device, unsupported shape)."""
 
 
 def attention(
@@ -106,36 +103,6 @@ def attend(probs: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torc
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, _repeat_kv_heads(v, probs.shape[1]).to(probs.dtype))
-
-
-def _triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int) -> str | None:
-    """Why the Triton decode kernel cannot run here, or None when it can."""
-    from r4b_kernels import decode_attention as kernel  # imports without triton; reports it below
-
-    reason = kernel.unavailable_reason(device)
-    if reason is not None:
-        return reason
-    probe_q = torch.empty(1, n_heads, head_dim, dtype=dtype, device="meta")
-    probe_k = torch.empty(1, n_kv_heads, 1, head_dim, dtype=dtype, device="meta")
-    return kernel.supports(probe_q, probe_k)
-
-
-def resolve_decode_backend(
-    backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int
-) -> str:
-    """'sdpa' or 'triton' for the decode step on this device/dtype/head geometry."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-    device = torch.device(device)
-    if backend == "sdpa" or (backend == "auto" and device.type != "cuda"):
-        return "sdpa"  # "auto" uses Triton on CUDA only; the CPU interpreter runs it only when forced
-    problem = _triton_problem(device, dtype, head_dim, n_heads, n_kv_heads)
-    if problem is None:
-        return "triton"
-    if backend == "triton":
-        raise BackendUnavailableError(f"attention backend 'triton' was requested but cannot run: {problem}.")
-    warnings.warn(f"r4b: Triton decode attention unavailable ({problem}); using SDPA.", stacklevel=3)
-    return "sdpa"
 
 
 def decode_attention(
