@@ -89,12 +89,7 @@ class ChatHandler:
                                reasoning_tokens=sum(c.sections.tokens[THINKING] for c in choices))
 
     async def respond(self, request: Request, chat: ChatRequest, run: ChoiceRun, ids: dict[str, Any]):
-        try:
-            async for _ in run.steps(request):
-                pass
-        finally:
-            run.cancel()
-        if not run.finished:  # the client went away
+        if not await run.run_to_end(request):  # the client went away
             return JSONResponse({}, status_code=499)
         out = []
         for c in run.choices:

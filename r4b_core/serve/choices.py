@@ -114,6 +114,16 @@ class ChoiceRun:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
+    async def run_to_end(self, request: Request) -> bool:
+        """Every choice's steps consumed (a response that is not streamed); False when the client went
+        away first. Whatever is still queued is cancelled either way."""
+        try:
+            async for _ in self.steps(request):
+                pass
+        finally:
+            self.cancel()
+        return self.finished
+
     async def steps(self, request: Request) -> AsyncIterator[tuple[Choice, ChoiceStep]]:
         """Every choice's steps until all finished, or until the client went away (then ``finished`` is
         False). Events of a choice that already finished (a stop string) are dropped."""

@@ -133,12 +133,7 @@ class CompletionHandler:
         return responses.usage(prompts, sum(len(self._generated(req, c)[0]) for c in choices))
 
     async def respond(self, request: Request, req: CompletionRequest, run: ChoiceRun, ids: dict[str, Any]):
-        try:
-            async for _ in run.steps(request):
-                pass
-        finally:
-            run.cancel()
-        if not run.finished:  # the client went away
+        if not await run.run_to_end(request):  # the client went away
             return JSONResponse({}, status_code=499)
         out = []
         for c in run.choices:
