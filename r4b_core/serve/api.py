@@ -156,7 +156,9 @@ def _add_generation_routes(app: FastAPI, engine: Engine, processor, config: Serv
         if parsed.sampling.stream:
             return StreamingResponse(handler.stream(request, parsed, run, ids), media_type="text/event-stream",
                                      headers=_STREAM_HEADERS)
-        return await handler.respond(request, parsed, run, ids)
+        if not await run.run_to_end(request):  # the client went away
+            return JSONResponse({}, status_code=499)
+        return handler.respond(parsed, run, ids)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

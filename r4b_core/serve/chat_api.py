@@ -88,9 +88,8 @@ class ChatHandler:
         return responses.usage(choices[0].request.prompt_tokens, sum(len(c.tokens) for c in choices),
                                reasoning_tokens=sum(c.sections.tokens[THINKING] for c in choices))
 
-    async def respond(self, request: Request, chat: ChatRequest, run: ChoiceRun, ids: dict[str, Any]):
-        if not await run.run_to_end(request):  # the client went away
-            return JSONResponse({}, status_code=499)
+    def respond(self, chat: ChatRequest, run: ChoiceRun, ids: dict[str, Any]) -> JSONResponse:
+        """The response of a finished run that is not streamed (``ChoiceRun.run_to_end`` returned True)."""
         out = []
         for c in run.choices:
             content, reasoning = self._message(chat, c)

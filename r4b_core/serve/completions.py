@@ -132,9 +132,8 @@ class CompletionHandler:
         prompts = sum(c.request.prompt_tokens for c in choices[::req.sampling.n])
         return responses.usage(prompts, sum(len(self._generated(req, c)[0]) for c in choices))
 
-    async def respond(self, request: Request, req: CompletionRequest, run: ChoiceRun, ids: dict[str, Any]):
-        if not await run.run_to_end(request):  # the client went away
-            return JSONResponse({}, status_code=499)
+    def respond(self, req: CompletionRequest, run: ChoiceRun, ids: dict[str, Any]) -> JSONResponse:
+        """The response of a finished run that is not streamed (``ChoiceRun.run_to_end`` returned True)."""
         out = []
         for c in run.choices:
             tokens, text = self._generated(req, c)
