@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from r4b_core.cli.common import UsageError, add_image_options, add_max_new_tokens, set_up
+from r4b_core.cli.common import UsageError, add_chat_prompt_options, add_max_new_tokens, set_up
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction,
                     "one chosen token) pay to the image tokens over the chosen layers and all heads, map it back onto "
                     "the picture (base view and tiles combined) and write it as a translucent overlay PNG. Default "
                     "checkpoint: the built-in random-init synthetic one (its attention is random).")
-    a.add_argument("--image", required=True, metavar="PATH_OR_URL", help="the picture (a file or http(s)/file URL)")
-    a.add_argument("--prompt", required=True, help="the question about the picture")
+    add_chat_prompt_options(a, image="the picture (a file or http(s)/file URL)", prompt="the question about the picture",
+                            thinking="chat template thinking mode (default short: the answer starts at once)",
+                            thinking_default="short", one_image=True)
     a.add_argument("--out", required=True, metavar="PNG", help="where to write the overlay (a .png file)")
     a.add_argument("--force", action="store_true", help="replace --out if it exists")
     a.add_argument("--layers", type=int, nargs="+", metavar="L",
@@ -36,12 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction,
     add_max_new_tokens(a, 4, "greedy answer tokens whose attention is summed")
     a.add_argument("--prompt-only", action="store_true",
                    help="generate nothing: measure from the prompt's last token (or --token within the prompt)")
-    a.add_argument("--thinking-mode", default="short", choices=["auto", "long", "short"],
-                   help="chat template thinking mode (default short: the answer starts at once)")
     a.add_argument("--opacity", type=float, default=0.65, help="overlay opacity at the hottest pixel (default 0.65)")
     a.add_argument("--grid", action="store_true", help="outline the tiles (cyan) and their cells (faint white)")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of the summary lines")
-    add_image_options(a)
     return a
 
 

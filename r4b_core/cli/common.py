@@ -160,6 +160,20 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
                              "89,478,485); for a trusted large image raise it")
 
 
+def add_chat_prompt_options(parser: argparse.ArgumentParser, *, image: str, prompt: str, thinking: str,
+                            thinking_default: str = "auto", one_image: bool = False) -> None:
+    """The chat prompt of the commands that run one (generate, lens, attention-map): ``--image`` (repeatable,
+    or exactly one with ``one_image``), ``--prompt``, ``--thinking-mode`` (default ``thinking_default``) and
+    ``--max-image-pixels``; ``image``, ``prompt`` and ``thinking`` are their helps."""
+    if one_image:
+        parser.add_argument("--image", required=True, metavar="PATH_OR_URL", help=image)
+    else:
+        parser.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL", help=image)
+    parser.add_argument("--prompt", required=True, help=prompt)
+    parser.add_argument("--thinking-mode", default=thinking_default, choices=["auto", "long", "short"], help=thinking)
+    add_image_options(parser)
+
+
 MAX_DOWNLOAD_BYTES = 200 * 1024 * 1024  # an image URL's body is read up to this
 
 

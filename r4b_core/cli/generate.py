@@ -17,7 +17,7 @@ import time
 from typing import TextIO
 
 from r4b_core.cli.common import (
-    add_image_options,
+    add_chat_prompt_options,
     add_max_new_tokens,
     add_quantize,
     finite_float,
@@ -35,12 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction,
         description="Load a checkpoint (default: the built-in random-init synthetic one; its text is random), "
                     "build the chat prompt (with the thinking mode), and stream the model's thinking (set apart) "
                     "and answer, then a one-line summary.")
-    g.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
-                   help="an image file or http(s)/file URL; repeat for several images (each becomes <image>)")
-    g.add_argument("--prompt", required=True, help="the question or instruction")
-    g.add_argument("--thinking-mode", default="auto", choices=["auto", "long", "short"],
-                   help="auto: the model decides whether to think (default); long: always think; short: answer "
-                        "without thinking")
+    add_chat_prompt_options(
+        g, image="an image file or http(s)/file URL; repeat for several images (each becomes <image>)",
+        prompt="the question or instruction",
+        thinking="auto: the model decides whether to think (default); long: always think; short: answer "
+                 "without thinking")
     add_max_new_tokens(g, 1024, "stop after this many new tokens")
     g.add_argument("--max-thinking-tokens", type=non_negative_int, metavar="N",
                    help="thinking budget: after N thinking tokens r4b closes the thinking (</think>) and the model "
@@ -60,7 +59,6 @@ def add_parser(subparsers: argparse._SubParsersAction,
     add_quantize(g)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "triton"],
                    help="decode attention: auto (Triton on CUDA when supported, else SDPA), sdpa, or triton")
-    add_image_options(g)
     return g
 
 

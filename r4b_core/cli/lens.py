@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from r4b_core.cli.common import add_image_options, positive_int, set_up
+from r4b_core.cli.common import add_chat_prompt_options, positive_int, set_up
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -20,18 +20,15 @@ def add_parser(subparsers: argparse._SubParsersAction,
         description="Apply the final norm and lm_head to every decoder layer's residual stream at the chosen "
                     "positions of the chat prompt and print each layer's top-k next tokens with their "
                     "probabilities. Default checkpoint: the built-in random-init synthetic one.")
-    p.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
-                   help="a picture (file or http(s)/file URL); repeat for several; none for a text-only prompt")
-    p.add_argument("--prompt", required=True, help="the user's message")
+    add_chat_prompt_options(
+        p, image="a picture (file or http(s)/file URL); repeat for several; none for a text-only prompt",
+        prompt="the user's message", thinking="chat template thinking mode (default auto)")
     p.add_argument("--positions", type=int, nargs="+", metavar="P",
                    help="token positions of the prompt (negative from the end; default: the last)")
     p.add_argument("--layers", type=int, nargs="+", metavar="L",
                    help="decoder layers to show (negative from the end; default: all)")
     p.add_argument("--top-k", type=positive_int, default=5, help="tokens shown per layer (default 5)")
-    p.add_argument("--thinking-mode", default="auto", choices=["auto", "long", "short"],
-                   help="chat template thinking mode (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    add_image_options(p)
     return p
 
 
