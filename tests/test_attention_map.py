@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from r4b_core.models import anyres
-from r4b_core.interp.attention_map import check_layers, compute_attention_map, render_overlay, save_png
+from r4b_core.interp.attention_map import compute_attention_map, render_overlay, save_png
+from r4b_core.interp.indices import check_layers
 from r4b_core.cli.main import main
 from r4b_core.config import preset
 from r4b_core.interp.image_regions import image_token_map, token_boxes

@@ -57,7 +57,8 @@ def _check_out(path: str, force: bool) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.interp.attention_map import check_layers, compute_attention_map, render_overlay, save_png
+    from r4b_core.interp.attention_map import compute_attention_map, render_overlay, save_png
+    from r4b_core.interp.indices import check_layers
     from r4b_core.config import R4BConfig
 
     if not 0 <= args.opacity <= 1:

@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 
 def run(args: argparse.Namespace) -> int:
-    from r4b_core.interp.attention_map import check_layers
+    from r4b_core.interp.indices import check_layers
     from r4b_core.config import R4BConfig
     from r4b_core.interp.logit_lens import lens_for_prompt
 

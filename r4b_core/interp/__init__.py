@@ -1,1 +1,2 @@
-"""Interpretability tools: image-token regions, attention maps and the logit lens."""
+"""Interpretability tools: image-token regions, attention maps and the logit lens (indices.py: the layer and
+position arguments they share)."""

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from r4b_core.generation.generate import generate
 from r4b_core.models.hooks import hooks
 from r4b_core.interp.image_regions import ImageTokenMap, heat_on_picture, image_token_map, token_boxes
+from r4b_core.interp.indices import check_layers
 
 PATTERN_HOOK = "language_model.model.layers.{}.self_attn.hook_pattern"  # [B, H, T, T] softmax probabilities
 
@@ -61,21 +62,6 @@ class AttentionMap:
     @property
     def newline_mass(self) -> float:
         return float(self.token_mass[self.token_map.is_newline].sum())
-
-
-def check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
-    """Layer indices (negative from the end allowed) as a sorted list without repeats; None: all."""
-    if layers is None:
-        return list(range(num_layers))
-    chosen = []
-    for layer in layers:
-        if not -num_layers <= layer < num_layers:
-            raise ValueError(f"layer {layer} is out of range: the decoder has {num_layers} layers "
-                             f"(0..{num_layers - 1}, or -{num_layers}..-1 from the end).")
-        chosen.append(layer % num_layers)
-    if not chosen:
-        raise ValueError("no layers chosen; give at least one layer index, or none for all layers.")
-    return sorted(set(chosen))
 
 
 def attention_rows(model: torch.nn.Module, inputs: dict, query_positions: Sequence[int],

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from r4b_core.interp.indices import check_positions
 from r4b_core.models.hooks import run_with_cache
 
 RESID_POST_HOOK = "model.layers.{}.hook_resid_post"  # [B, T, C] before the final norm (relative to the decoder)
@@ -55,21 +56,6 @@ class LensResult:
                          for t, p in zip(self.token_ids[i, j], self.probs[i, j])]
                 lines.append(f"  layer {layer:>{width}}  " + "   ".join(cells))
         return "\n".join(lines)
-
-
-def check_positions(positions: Sequence[int] | None, length: int) -> list[int]:
-    """Positions (negative from the end) as non-negative indices; None: the last position."""
-    if positions is None:
-        return [length - 1]
-    if not positions:
-        raise ValueError("no positions chosen; give at least one, or none for the last position.")
-    out = []
-    for p in positions:
-        if not -length <= p < length:
-            raise ValueError(f"position {p} is out of range: the prompt has {length} tokens (0..{length - 1}, or "
-                             f"-{length}..-1 from the end).")
-        out.append(p % length)
-    return out
 
 
 @torch.no_grad()
