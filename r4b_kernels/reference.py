@@ -10,9 +10,10 @@ Everything is computed in fp32 whatever the input dtypes; the result is cast to 
 past ``seq_lens[b]`` are never used, not even multiplied by zero, so they may hold anything (NaN included).
 Query head h reads KV head h // G, as transformers' ``repeat_kv`` and SDPA's ``enable_gqa`` do.
 
-Paged cache (``paged_decode_attention_reference``, ``gather_paged_kv``): a pool [NB, P, Hkv, D] of
-blocks of P tokens and a block table [B, M]; sequence b's token t is pool[block_table[b, t // P], t % P].
-The reference gathers each sequence's blocks into a contiguous [B, Hkv, S, D] cache and attends as above.
+Paged cache (``block_table=``, ``gather_paged_kv``): a pool [NB, P, Hkv, D] of blocks of P tokens and a
+block table [B, M]; sequence b's token t is pool[block_table[b, t // P], t % P]. The reference gathers
+each sequence's blocks into a contiguous [B, Hkv, S, D] cache and attends as above: one reference for
+both layouts, as there is one kernel (r4b_kernels/split_kv.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ def decode_attention_reference(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], seq_lens [B] int (each in [1, S]) -> [B, Hq, D] (q.dtype)."""
+    """q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], seq_lens [B] int (each in [1, S]) -> [B, Hq, D] (q.dtype).
+
+    With ``block_table`` [B, M], k_cache/v_cache are block pools [NB, P, Hkv, D] and seq_lens lie in
+    [1, M * P]: each sequence's blocks are gathered (``gather_paged_kv``), then attended as above.
+    """
+    if block_table is not None:
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(f"v_pool {tuple(v_cache.shape)} differs from k_pool {tuple(k_cache.shape)}.")
+        num_tokens = int(seq_lens.max())  # host read: this is the ground truth, not a hot path
+        k_cache = gather_paged_kv(k_cache, block_table, num_tokens)
+        v_cache = gather_paged_kv(v_cache, block_table, num_tokens)
     if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"expected q [B, Hq, D] and k_cache = v_cache [B, Hkv, S, D], got q {tuple(q.shape)}, "
@@ -86,20 +98,3 @@ def gather_paged_tokens(pool: torch.Tensor, block_table: torch.Tensor, num_token
     tokens = pool.index_select(0, ids.reshape(-1))  # [B * n_blocks, P, Hkv, D], a copy (faster than pool[ids])
     return tokens.reshape(B, n_blocks * P, Hkv, D)[:, :num_tokens]  # [B, num_tokens, Hkv, D]
 
-
-def paged_decode_attention_reference(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """q [B, Hq, D], k_pool/v_pool [NB, P, Hkv, D], block_table [B, M], seq_lens [B] (each in [1, M * P])
-    -> [B, Hq, D] (q.dtype): gather each sequence's blocks, then ``decode_attention_reference`` (fp32)."""
-    if v_pool.shape != k_pool.shape:
-        raise ValueError(f"v_pool {tuple(v_pool.shape)} differs from k_pool {tuple(k_pool.shape)}.")
-    num_tokens = int(seq_lens.max())  # host read: this is the ground truth, not a hot path
-    k = gather_paged_kv(k_pool, block_table, num_tokens)
-    v = gather_paged_kv(v_pool, block_table, num_tokens)
-    return decode_attention_reference(q, k, v, seq_lens, scale)

@@ -26,7 +26,7 @@ from r4b_kernels.backend import BackendUnavailableError, resolve_decode_backend
 from r4b_kernels.decode_attention import decode_attention, make_workspace
 from r4b_kernels.decode_op import paged_decode_attention_op, paged_decode_attention_sdpa
 from r4b_kernels.paged_decode_attention import paged_decode_attention, supports_paged
-from r4b_kernels.reference import decode_attention_reference, gather_paged_kv, paged_decode_attention_reference
+from r4b_kernels.reference import decode_attention_reference, gather_paged_kv
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -72,7 +72,7 @@ def check(q, k_pool, v_pool, table, lens, num_splits, block_n, tol=None):
     got = paged_decode_attention(q, k_pool, v_pool, table, lens, scale, num_splits, out=out, workspace=workspace,
                                  block_n=block_n)
     assert got is out
-    want = paged_decode_attention_reference(q.float(), k_pool, v_pool, table, lens, scale)
+    want = decode_attention_reference(q.float(), k_pool, v_pool, lens, scale, block_table=table)
     assert torch.isfinite(got).all(), "kernel left NaN in the output (unwritten element or read a wrong slot)"
     err = rel_error(got, want)
     assert err <= (tol or TOL[q.dtype]), f"relative error {err:.3g}"
@@ -126,7 +126,7 @@ def test_paged_reference_matches_contiguous_reference():
             k[b, :, t] = k_pool[table[b, t // 4], t % 4]
             v[b, :, t] = v_pool[table[b, t // 4], t % 4]
     want = decode_attention_reference(q, k, v, lens, 0.3)
-    assert torch.allclose(paged_decode_attention_reference(q, k_pool, v_pool, table, lens, 0.3), want, atol=1e-6)
+    assert torch.allclose(decode_attention_reference(q, k_pool, v_pool, lens, 0.3, block_table=table), want, atol=1e-6)
 
 
 def test_layer_view_of_a_bigger_pool_int64_table_strided_q():
@@ -138,7 +138,7 @@ def test_layer_view_of_a_bigger_pool_int64_table_strided_q():
     q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # [B, Hq, D] with strides (D, B * D, 1)
     assert not q_t.is_contiguous()
     got = paged_decode_attention(q_t, k_all[1], v_all[1], table.long(), lens.long(), 0.2)
-    want = paged_decode_attention_reference(q, k_pool, v_pool, table, lens, 0.2)
+    want = decode_attention_reference(q, k_pool, v_pool, lens, 0.2, block_table=table)
     assert rel_error(got, want) <= 1e-5
 
 
@@ -157,7 +157,7 @@ def test_sdpa_path_matches_reference(dtype):
                                                        shared_blocks=0)
     table = table.clamp(min=0)  # unused entries point at real (NaN-holding) blocks
     got = paged_decode_attention_sdpa(q, k_pool, v_pool, table, lens, 0.25)
-    want = paged_decode_attention_reference(q.float(), k_pool, v_pool, table, lens, 0.25)
+    want = decode_attention_reference(q.float(), k_pool, v_pool, lens, 0.25, block_table=table)
     assert got.dtype == dtype and torch.isfinite(got).all()
     assert rel_error(got, want) <= (1e-5 if dtype == torch.float32 else 2e-2)
     compiled = torch.compile(paged_decode_attention_sdpa, fullgraph=True, backend="aot_eager")  # static shapes
@@ -166,7 +166,7 @@ def test_sdpa_path_matches_reference(dtype):
 
 def test_op_dispatch_and_notice_rules(monkeypatch):
     q, k_pool, v_pool, table, lens = make_paged_inputs(2, 1, 4, 16, 64, [20, 7], torch.float32, seed=4)
-    want = paged_decode_attention_reference(q, k_pool, v_pool, table, lens, 0.125)
+    want = decode_attention_reference(q, k_pool, v_pool, lens, 0.125, block_table=table)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" off CUDA: SDPA, silently
         assert resolve_decode_backend("auto", "cpu", torch.float32, 64, 4, 1) == "sdpa"
@@ -198,7 +198,7 @@ def test_custom_op_compiles_without_graph_breaks():
     torch.library.opcheck(torch.ops.r4b.paged_decode_attention.default, (q, k_pool, v_pool, table, lens, 0.125, 2))
     assert torch._dynamo.explain(step)(q, k_pool, v_pool, table, lens).graph_break_count == 0
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k_pool, v_pool, table, lens)
-    assert rel_error(compiled - 1, paged_decode_attention_reference(q, k_pool, v_pool, table, lens, 0.125)) <= 1e-5
+    assert rel_error(compiled - 1, decode_attention_reference(q, k_pool, v_pool, lens, 0.125, block_table=table)) <= 1e-5
 
 
 def test_unchecked_garbage_is_memory_safe():
