@@ -48,6 +48,7 @@ from r4b_core.training.model_setup import param_groups  # noqa: E402
 from r4b_core.training.rewards import Completion, correct_answer, default_rewards, format_ok  # noqa: E402
 from r4b_core.training.rollouts import RolloutPrompt, left_pad, mode_prompt_ids, right_pad, stack_images, to_model  # noqa: E402
 from r4b_core.training.state import latest_state, load_training_state, read_manifest, save_training_state  # noqa: E402
+from r4b_core.training.step_log import open_step_log  # noqa: E402
 
 EVAL_OFFSET = 10**9  # held-out items come from indices the training streams never reach
 BPO_OFFSET = 10**6  # BPO questions are drawn apart from the annealing examples
@@ -245,24 +246,6 @@ def auto_thinking(model, processor, items: list[dict], max_new_tokens: int) -> d
     return out
 
 
-def open_log(path: Path, start: int):
-    """The per-step log; on resume the lines after the resumed step (lost work of the killed run) are dropped."""
-    if start == 0 or not path.exists():
-        return open(path, "w")
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= start:
-            kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return open(path, "a")
-
-
 def progress(total: int, initial: int):
     try:
         from tqdm import tqdm
@@ -279,7 +262,7 @@ def run_bpo(args, processor, annealed: Path, states: Path, log_path: Path, resum
         start = load_training_state(resume_from, model, opt, scheduler=sched).step
         say(f"resumed BPO from {resume_from} (step {start})")
     config, rewards = bpo_config(args), default_rewards()
-    log = open_log(log_path, start)
+    log = open_step_log(log_path, start)
     bar = progress(args.bpo_steps, start)
     history = []
     for step in range(start, args.bpo_steps):

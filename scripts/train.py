@@ -62,6 +62,7 @@ from r4b_core.training.model_setup import (
 )
 from r4b_core.training.data import build_training_example, collate
 from r4b_core.training.run_dir import check_export, check_run_dir
+from r4b_core.training.step_log import open_step_log
 from r4b_core.training.state import (
     discard_states,
     load_training_state,
@@ -247,21 +248,7 @@ def open_log(args, start: int, rank: int):
     the interrupted run, are dropped (the file is rewritten atomically), then new lines are appended."""
     if not args.log_file or rank != 0:
         return None
-    path = Path(args.log_file)
-    if start == 0 or not path.exists():
-        return open(path, "w")
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut short by the crash
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= start:
-            kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return open(path, "a")
+    return open_step_log(args.log_file, start)
 
 
 def pause_in_save(step: int):
