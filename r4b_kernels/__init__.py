@@ -4,9 +4,9 @@ split_kv.py          the Triton split-KV flash-decoding kernels for one query to
                      (the query heads of a KV head share one K/V read): one split kernel for both cache
                      layouts (a contiguous cache is a paged one with one block per sequence; ``PAGED`` is a
                      constexpr), the merge kernel, the split heuristic, the shared launch checks and launch
-decode_attention.py  the contiguous cache's entry point ``decode_attention`` and its input checks ``supports``
-paged_decode_attention.py  the paged cache's (K/V read through a block table from a pool of fixed-size
-                     blocks, PagedAttention layout [num_blocks, block_size, Hkv, D]): ``paged_decode_attention``
+decode_attention.py  the eager entry point ``decode_attention`` and the input checks of both layouts: a
+                     contiguous cache [B, Hkv, S, D], or with ``block_table=`` a pool of fixed-size blocks
+                     (PagedAttention layout [num_blocks, block_size, Hkv, D]) read through a block table
 decode_op.py         both as custom ops ``torch.ops.r4b.decode_attention`` / ``torch.ops.r4b.paged_decode_attention``
                      (torch.library; opaque to torch.compile, no host sync): ``decode_attention_op``, and the
                      paged op's dispatch (Triton on CUDA, gather-then-SDPA elsewhere): ``paged_decode_attention_op``

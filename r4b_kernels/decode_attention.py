@@ -1,9 +1,8 @@
-"""Split-KV ("flash-decoding") GQA decode attention in Triton over a contiguous KV cache: one new query
-token per sequence.
+"""Split-KV ("flash-decoding") GQA decode attention in Triton: one new query token per sequence, over a
+contiguous KV cache or, with ``block_table=``, a paged one.
 
 The kernels, the algorithm, the split heuristic, precision and the launch defaults are in ``split_kv.py``
-(read its docstring first); this module is the contiguous cache's entry point and input checks. The
-paged cache's is ``paged_decode_attention.py``: the same kernel, reading K/V through a block table.
+(read its docstring first); this module is the one entry point and the input checks of both layouts.
 
 Shapes:
     q        [B, Hq, D]          already RoPE'd; any strides
@@ -12,11 +11,24 @@ Shapes:
     seq_lens [B]                 int32/int64, 1 <= L_b <= S: sequence b's keys are slots [0, L_b)
     out      [B, Hq, D]          q's dtype (optional preallocated ``out=``, any strides)
 
+Paged cache (``block_table=``): instead of one [S, D] run per (sequence, KV head), the cache is a pool of
+fixed-size blocks shared by all sequences (vLLM's PagedAttention), and each sequence lists the blocks it
+holds in order.
+    NB   blocks in the pool                 P    block_size, tokens per block (any P >= 1; 16 typical)
+    M    max_blocks_per_seq, the block table's width; M * P is the largest length it can describe
+    k_cache, v_cache  [NB, P, Hkv, D]     one layer's pool (a view of a bigger tensor is fine); any strides
+                                          except stride(-1) == 1 (named k_pool / v_pool in messages)
+    block_table [B, M] int32/int64  sequence b's token t is k_pool[block_table[b, t // P], t % P];
+                                    entries at or past cdiv(seq_lens[b], P) are never read (may hold
+                                    -1 or anything); one block may appear in many rows (shared prefix)
+    seq_lens    [B] int32/int64     1 <= L_b <= M * P, the new token's K/V already written
+
 Entry points:
-    decode_attention(...)       eager call; validates inputs (ValueError), optional out= / workspace=
-    decode_attention_op(...)    in ``decode_op.py``: the same as the custom op
-                                ``torch.ops.r4b.decode_attention`` (torch.compile, CUDA graphs)
-    supports(q, k_cache, ...)   None or why these tensors are unsupported (shapes, dtypes, layout)
+    decode_attention(...)       eager call, both layouts; validates inputs (ValueError), optional out= / workspace=
+    decode_attention_op(...), paged_decode_attention_op(...)   in ``decode_op.py``: the custom ops
+                                ``torch.ops.r4b.decode_attention`` / ``paged_decode_attention`` (torch.compile,
+                                CUDA graphs) and the paged op's dispatch between this kernel and gather-then-SDPA
+    supports(q, k_cache, ...), supports_paged(q, k_pool, ...)   None or why these tensors are unsupported
     is_available(device), unavailable_reason(device)   (from ``triton_runtime.py``) Triton importable
                                 and a device it can run on
     default_num_splits(...), make_workspace(q, num_splits)   (from ``split_kv.py``)
@@ -42,7 +54,7 @@ _MAX_HEAD_DIM = 256
 _MAX_GROUP = 64  # BLOCK_G <= 64 rows of queries per tile
 
 __all__ = ["DEFAULT_BLOCK_N", "decode_attention", "default_num_splits", "is_available", "make_workspace",
-           "supports", "unavailable_reason"]
+           "supports", "supports_paged", "unavailable_reason"]
 
 
 def supports(
@@ -99,6 +111,59 @@ def supports(
     return None
 
 
+def supports_paged(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+) -> str | None:
+    """None when the paged kernel handles these inputs, else a one-line reason.
+
+    Looks at shapes, dtypes, strides and devices only, never at values (that would sync with the device).
+    """
+    if q.ndim != 3:
+        return f"q must be [B, Hq, D] (one query token per sequence), got shape {tuple(q.shape)}"
+    if k_pool.ndim != 4:
+        return f"k_pool must be [num_blocks, block_size, Hkv, D], got shape {tuple(k_pool.shape)}"
+    B = q.shape[0]
+    NB, P, Hkv, D = k_pool.shape
+    if min(NB, P) == 0:
+        return f"empty pool: k_pool {tuple(k_pool.shape)}"
+    if D != q.shape[2]:
+        return f"q {tuple(q.shape)} and k_pool {tuple(k_pool.shape)} differ in head_dim"
+    # the head checks of the contiguous kernel, on a [B, Hkv, P, D]-shaped probe (no data touched)
+    probe = k_pool.permute(0, 2, 1, 3)[:1].expand(B, Hkv, P, D)
+    reason = supports(q, probe)
+    if reason is not None:
+        return reason.replace("k_cache", "k_pool")
+    if v_pool is not None:
+        if v_pool.shape != k_pool.shape:
+            return f"v_pool shape {tuple(v_pool.shape)} differs from k_pool shape {tuple(k_pool.shape)}"
+        if v_pool.dtype != k_pool.dtype:
+            return f"v_pool dtype {v_pool.dtype} differs from k_pool dtype {k_pool.dtype}"
+        if v_pool.stride(-1) != 1:
+            return f"v_pool's last dim must be contiguous (stride 1), got strides {v_pool.stride()}"
+    tensors = {"q": q, "k_pool": k_pool, "v_pool": v_pool}
+    if block_table is not None:
+        if block_table.ndim != 2 or block_table.shape[0] != B or block_table.shape[1] == 0:
+            return f"block_table must be [B = {B}, max_blocks_per_seq >= 1], got shape {tuple(block_table.shape)}"
+        if block_table.dtype not in (torch.int32, torch.int64):
+            return f"block_table must be int32 or int64, got {block_table.dtype}"
+        tensors["block_table"] = block_table
+    if seq_lens is not None:
+        if seq_lens.shape != (B,):
+            return f"seq_lens must have shape ({B},), got {tuple(seq_lens.shape)}"
+        if seq_lens.dtype not in (torch.int32, torch.int64):
+            return f"seq_lens must be int32 or int64, got {seq_lens.dtype}"
+        tensors["seq_lens"] = seq_lens
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) != 1:
+        return "tensors on different devices: " + ", ".join(
+            f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+    return None
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -107,6 +172,7 @@ def decode_attention(
     scale: float,
     num_splits: int | None = None,
     *,
+    block_table: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_n: int = DEFAULT_BLOCK_N,
@@ -114,7 +180,8 @@ def decode_attention(
     num_stages: int = 2,
     check_seq_lens: bool = True,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence over its first ``seq_lens[b]`` cache slots.
+    """Attention of one query token per sequence over its first ``seq_lens[b]`` cache slots (with
+    ``block_table``: tokens, read through the table from the pools k_cache / v_cache [NB, P, Hkv, D]).
 
     q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D] (stride(-1) == 1), seq_lens [B] int32/int64 in
     [1, S], scale a float -> [B, Hq, D] in q's dtype (written into ``out`` when given: [B, Hq, D],
@@ -125,22 +192,58 @@ def decode_attention(
     ``check_seq_lens`` validates 1 <= seq_lens <= S on the host, which syncs with the device: pass
     False on hot paths and inside CUDA graphs (the kernel then clamps lengths to [0, S] for memory
     safety, and a length-0 sequence yields zeros); it is skipped while compiling or capturing a CUDA graph.
+    Paged: ``num_splits`` None picks for a capacity of M * P tokens, and ``check_seq_lens`` also checks
+    the block ids in use (0 <= id < NB); unchecked, they are clamped to [0, NB) in the kernel.
     Raises ValueError for unsupported inputs.
     """
     if TRITON_IMPORT_ERROR is not None:
         raise RuntimeError(f"Triton is not available: {TRITON_IMPORT_ERROR!r}")
-    reason = supports(q, k_cache, v_cache, seq_lens)
+    if block_table is None:
+        reason = supports(q, k_cache, v_cache, seq_lens)
+    else:
+        reason = supports_paged(q, k_cache, v_cache, block_table, seq_lens)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}.")
-    B, Hkv, S, _ = k_cache.shape
-    # one block of S rows per sequence: row (block b, slot t) of KV head h is k_cache[b, h, t]
-    rows = CacheRows(k_cache, v_cache, (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)),
-                     (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)), Hkv, S, B)
+    rows = _cache_rows(k_cache, v_cache, block_table)
     num_splits, out, o_part, lse_part = check_launch("decode_attention", q, rows, num_splits, out, workspace,
                                                      block_n)
-    if check_seq_lens and not torch.compiler.is_compiling() and not capturing(q.device):
-        lo, hi = int(seq_lens.min()), int(seq_lens.max())  # host sync
-        if lo < 1 or hi > S:
-            raise ValueError(f"decode_attention: seq_lens must lie in [1, S = {S}], got min {lo}, max {hi}.")
+    if check_seq_lens and not torch.compiler.is_compiling() and not capturing(q.device):  # host syncs
+        if block_table is None:
+            lo, hi = int(seq_lens.min()), int(seq_lens.max())
+            if lo < 1 or hi > rows.max_len:
+                raise ValueError(f"decode_attention: seq_lens must lie in [1, S = {rows.max_len}], got min {lo}, "
+                                 f"max {hi}.")
+        else:
+            _check_lengths_and_blocks(block_table, seq_lens, rows.num_blocks, rows.block_size)
     launch(q, rows, seq_lens, scale, num_splits, out, o_part, lse_part, block_n, num_warps, num_stages)
     return out
+
+
+def _cache_rows(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor | None) -> CacheRows:
+    """Where the kernel reads K/V rows (block, slot) of KV head h."""
+    if block_table is None:  # one block of S rows per sequence: row (b, t) of head h is k[b, h, t]
+        B, Hkv, S, _ = k.shape
+        return CacheRows(k, v, (k.stride(0), k.stride(2), k.stride(1)), (v.stride(0), v.stride(2), v.stride(1)),
+                         Hkv, S, B)
+    NB, P, Hkv, _ = k.shape  # row (block, slot) of head h is k[block, slot, h]
+    return CacheRows(k, v, k.stride()[:3], v.stride()[:3], Hkv, block_table.shape[1] * P, NB, block_table, P)
+
+
+def _check_lengths_and_blocks(block_table: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int,
+                              block_size: int) -> None:
+    """1 <= seq_lens <= M * P and every block id a sequence uses in [0, num_blocks); raises ValueError."""
+    M = block_table.shape[1]
+    lo, hi = int(seq_lens.min()), int(seq_lens.max())
+    if lo < 1 or hi > M * block_size:
+        raise ValueError(
+            f"decode_attention: seq_lens must lie in [1, max_blocks_per_seq * block_size = "
+            f"{M} * {block_size}], got min {lo}, max {hi}."
+        )
+    used = torch.arange(M, device=block_table.device)[None, :] * block_size < seq_lens[:, None]  # [B, M]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"decode_attention: block_table[{b}, {j}] = {int(block_table[b, j])} is used by sequence {b} "
+            f"(length {int(seq_lens[b])}) but lies outside the pool's [0, {num_blocks}) blocks."
+        )

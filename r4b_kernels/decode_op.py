@@ -1,7 +1,7 @@
 """The decode-attention kernels as custom ops (torch.library), and the paged op's dispatch.
 
-``torch.ops.r4b.decode_attention`` wraps the contiguous-cache kernel; ``torch.ops.r4b.paged_decode_attention``
-the paged one (``paged_decode_attention.py``). ``paged_decode_attention_op(..., backend)`` picks the
+``torch.ops.r4b.decode_attention`` wraps the kernel on a contiguous cache; ``torch.ops.r4b.paged_decode_attention``
+on a paged one (``decode_attention(..., block_table=)``). ``paged_decode_attention_op(..., backend)`` picks the
 paged kernel on CUDA and the gather-then-SDPA path (``paged_decode_attention_sdpa``) elsewhere, with the
 rules of ``backend.resolve_decode_backend`` (shared with the contiguous cache): "auto" = Triton on CUDA
 when it can run these shapes, else SDPA (a one-line notice on CUDA); "triton" forced raises when it
@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from r4b_kernels.backend import BACKENDS, resolve_decode_backend
-from r4b_kernels.decode_attention import decode_attention, default_num_splits, supports
-from r4b_kernels.paged_decode_attention import paged_decode_attention, supports_paged
+from r4b_kernels.decode_attention import decode_attention, default_num_splits, supports, supports_paged
 from r4b_kernels.reference import gather_paged_tokens
 
 __all__ = ["decode_attention_op", "paged_decode_attention_op", "paged_decode_attention_sdpa"]
@@ -81,7 +80,8 @@ def decode_attention_op(
 
 def _paged_impl(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                 seq_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
-    return paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, scale, num_splits, check_seq_lens=False)
+    return decode_attention(q, k_pool, v_pool, seq_lens, scale, num_splits, block_table=block_table,
+                            check_seq_lens=False)
 
 
 _paged_op = _register_op("paged_decode_attention", _paged_impl)

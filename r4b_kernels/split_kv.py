@@ -16,7 +16,7 @@ Shapes:
     K, V     a cache read as blocks of rows: token t of sequence b is row (block, slot) with, for
              the contiguous cache [B, Hkv, S, D]: block = b, slot = t (one block of S rows per sequence);
              the paged pool [NB, P, Hkv, D]: block = block_table[b, t // P], slot = t % P
-             (``paged_decode_attention.py``); a row is one contiguous D-vector (stride(-1) == 1)
+             (``decode_attention(..., block_table=)``); a row is one contiguous D-vector (stride(-1) == 1)
     seq_lens [B]                 int32/int64, 1 <= L_b <= S
     out      [B, Hq, D]          q's dtype (optional preallocated ``out=``, any strides)
     O_part   [B, Hq, NS, D]      fp32 workspace: each split's normalised partial output
@@ -77,7 +77,7 @@ only runs on a GPU.
 
 Host side: ``check_launch`` checks the launch options shared by both entry points (block_n,
 num_splits, out=, workspace=) and ``launch`` runs both stages. The entry points with their input checks
-are ``decode_attention.py`` (contiguous) and ``paged_decode_attention.py`` (paged).
+are in ``decode_attention.py`` (one entry, ``block_table=`` for the paged cache).
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _merge_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# Host side, shared by decode_attention and paged_decode_attention
+# Host side, shared by both layouts
 # --------------------------------------------------------------------------------------------------
 
 

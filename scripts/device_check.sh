@@ -5,9 +5,10 @@
 #   bash scripts/device_check.sh            on a GPU machine (< 8 minutes on an H200)
 #   bash scripts/device_check.sh --dry-run  the same steps on the CPU, tiny shapes, TRITON_INTERPRET=1
 #
-# Steps: the Triton decode kernels (contiguous, and paged: K/V through a random block table of 16-token
-# blocks, shared prefixes) vs the PyTorch references at R-4B's shapes (32/8 heads, head_dim 128) and at
-# SigLIP's head_dim 72; timings of both kernels, the paged gather+SDPA fallback and SDPA at contexts
+# Steps: the Triton decode kernel (r4b_kernels/split_kv.py) on both cache layouts (contiguous, and paged:
+# K/V through a random block table of 16-token blocks, shared prefixes) vs the PyTorch reference at R-4B's
+# shapes (32/8 heads, head_dim 128) and at SigLIP's head_dim 72; timings of the kernel on both layouts, the
+# paged gather+SDPA fallback and SDPA at contexts
 # 1k/4k/8k/32k (batch 1) and 1k/4k/8k (batch 8), vs the K/V-bytes roofline; `r4b bench` on a random-init
 # full-shape R-4B in bf16. A short table is printed last.
 # Results (JSON) go to $OUT when set (the device tool fetches it), else to a temporary directory.

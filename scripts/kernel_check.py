@@ -84,8 +84,6 @@ def correctness(cases, device):
     from r4b_kernels.decode_attention import decode_attention
     from r4b_kernels.reference import decode_attention_reference
 
-    from r4b_kernels.paged_decode_attention import paged_decode_attention
-
     rows = []
     for name, (batch, hq, hkv, d, lengths, dtype) in cases.items():
         capacity = max(lengths)
@@ -94,7 +92,7 @@ def correctness(cases, device):
         if name.startswith("paged_"):  # 16-token blocks, random order; sequences share a prefix when they can
             shared = min(lengths) // 16 if batch > 1 else 0
             k_pool, v_pool, table = to_paged(k, v, lengths, 16, shared_blocks=shared)
-            got = paged_decode_attention(q, k_pool, v_pool, table, lens, scale).float()  # validates (host sync)
+            got = decode_attention(q, k_pool, v_pool, lens, scale, block_table=table).float()  # validates (host sync)
         else:
             got = decode_attention(q, k, v, lens, scale).float()  # checks seq_lens (one host sync): fine here
         want = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale)
@@ -110,7 +108,6 @@ def timings(contexts, device, dtype, repeats, batch, hq, hkv, d):
 
     from r4b_kernels.decode_attention import decode_attention
     from r4b_kernels.decode_op import paged_decode_attention_sdpa
-    from r4b_kernels.paged_decode_attention import paged_decode_attention
 
     from r4b_core.bench.decode import copy_bandwidth
 
@@ -124,8 +121,8 @@ def timings(contexts, device, dtype, repeats, batch, hq, hkv, d):
         row = {"context": context, "batch": batch,
                "triton_us": 1e6 * time_fn(lambda: decode_attention(q, k, v, lens, scale, check_seq_lens=False),
                                           device, repeats),
-               "paged_us": 1e6 * time_fn(lambda: paged_decode_attention(q, k_pool, v_pool, table, lens, scale,
-                                                                        check_seq_lens=False), device, repeats),
+               "paged_us": 1e6 * time_fn(lambda: decode_attention(q, k_pool, v_pool, lens, scale, block_table=table,
+                                                                  check_seq_lens=False), device, repeats),
                "paged_sdpa_us": 1e6 * time_fn(lambda: paged_decode_attention_sdpa(q, k_pool, v_pool, table, lens,
                                                                                   scale), device, repeats)}
         row["paged_vs_contiguous"] = row["paged_us"] / row["triton_us"]

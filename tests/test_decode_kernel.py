@@ -191,7 +191,7 @@ def test_module_imports_without_triton():
         import sys
         sys.modules["triton"] = None  # `import triton` now raises ImportError
         import torch
-        from r4b_kernels import decode_attention as da, paged_decode_attention as pda
+        from r4b_kernels import decode_attention as da
         assert not da.is_available("cuda") and "Triton is not importable" in da.unavailable_reason("cuda")
         q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 8, 16)
         try:

@@ -23,9 +23,8 @@ import triton  # noqa: E402,F401  (a missing Triton must fail, not skip)
 
 from r4b_kernels import decode_attention as contiguous_kernel
 from r4b_kernels.backend import BackendUnavailableError, resolve_decode_backend
-from r4b_kernels.decode_attention import decode_attention, make_workspace
+from r4b_kernels.decode_attention import decode_attention, make_workspace, supports_paged
 from r4b_kernels.decode_op import paged_decode_attention_op, paged_decode_attention_sdpa
-from r4b_kernels.paged_decode_attention import paged_decode_attention, supports_paged
 from r4b_kernels.reference import decode_attention_reference, gather_paged_kv
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -69,8 +68,8 @@ def check(q, k_pool, v_pool, table, lens, num_splits, block_n, tol=None):
     scale = q.shape[-1] ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     workspace = tuple(t.fill_(float("nan")) for t in make_workspace(q, num_splits))
-    got = paged_decode_attention(q, k_pool, v_pool, table, lens, scale, num_splits, out=out, workspace=workspace,
-                                 block_n=block_n)
+    got = decode_attention(q, k_pool, v_pool, lens, scale, num_splits, block_table=table, out=out,
+                           workspace=workspace, block_n=block_n)
     assert got is out
     want = decode_attention_reference(q.float(), k_pool, v_pool, lens, scale, block_table=table)
     assert torch.isfinite(got).all(), "kernel left NaN in the output (unwritten element or read a wrong slot)"
@@ -110,7 +109,7 @@ def test_paged_equals_contiguous_kernel():
     k = gather_paged_kv(k_pool, table, 80).contiguous()  # [B, Hkv, 80, D]
     v = gather_paged_kv(v_pool, table, 80).contiguous()
     for splits in (1, 3):
-        paged = paged_decode_attention(q, k_pool, v_pool, table, lens, 0.125, splits, block_n=16)
+        paged = decode_attention(q, k_pool, v_pool, lens, 0.125, splits, block_table=table, block_n=16)
         contiguous = decode_attention(q, k, v, lens, 0.125, splits, block_n=16)
         assert torch.equal(paged, contiguous)
 
@@ -137,7 +136,7 @@ def test_layer_view_of_a_bigger_pool_int64_table_strided_q():
     v_all = torch.stack([torch.randn_like(v_pool), v_pool])
     q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # [B, Hq, D] with strides (D, B * D, 1)
     assert not q_t.is_contiguous()
-    got = paged_decode_attention(q_t, k_all[1], v_all[1], table.long(), lens.long(), 0.2)
+    got = decode_attention(q_t, k_all[1], v_all[1], lens.long(), 0.2, block_table=table.long())
     want = decode_attention_reference(q, k_pool, v_pool, lens, 0.2, block_table=table)
     assert rel_error(got, want) <= 1e-5
 
@@ -208,14 +207,14 @@ def test_unchecked_garbage_is_memory_safe():
     k_pool, v_pool = torch.nan_to_num(k_pool), torch.nan_to_num(v_pool)
     bad_table = table.clone()
     bad_table[0, 0] = 10_000
-    out = paged_decode_attention(q, k_pool, v_pool, bad_table, torch.tensor([20, 999], dtype=torch.int32), 0.1, 2,
-                                 check_seq_lens=False)
+    out = decode_attention(q, k_pool, v_pool, torch.tensor([20, 999], dtype=torch.int32), 0.1, 2,
+                           block_table=bad_table, check_seq_lens=False)
     assert torch.isfinite(out).all()
 
 
-def _error(match, *args, **kwargs):
+def _error(match, q, k_pool, v_pool, table, *args, **kwargs):
     with pytest.raises(ValueError, match=match):
-        paged_decode_attention(*args, **kwargs)
+        decode_attention(q, k_pool, v_pool, *args, block_table=table, **kwargs)
 
 
 def test_errors():
