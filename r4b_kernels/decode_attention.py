@@ -132,35 +132,23 @@ def supports_paged(
         return f"empty pool: k_pool {tuple(k_pool.shape)}"
     if D != q.shape[2]:
         return f"q {tuple(q.shape)} and k_pool {tuple(k_pool.shape)} differ in head_dim"
-    # the head checks of the contiguous kernel, on a [B, Hkv, P, D]-shaped probe (no data touched)
-    probe = k_pool.permute(0, 2, 1, 3)[:1].expand(B, Hkv, P, D)
-    reason = supports(q, probe)
+    if v_pool is not None and v_pool.shape != k_pool.shape:
+        return f"v_pool shape {tuple(v_pool.shape)} differs from k_pool shape {tuple(k_pool.shape)}"
+
+    def as_cache(pool: torch.Tensor) -> torch.Tensor:  # [NB, P, Hkv, D] -> a [B, Hkv, P, D] view, no data touched
+        return pool.permute(0, 2, 1, 3)[:1].expand(B, Hkv, P, D)
+
+    # the contiguous cache's checks (heads, dtypes, strides, seq_lens, devices) on views of the pools
+    reason = supports(q, as_cache(k_pool), None if v_pool is None else as_cache(v_pool), seq_lens)
     if reason is not None:
-        return reason.replace("k_cache", "k_pool")
-    if v_pool is not None:
-        if v_pool.shape != k_pool.shape:
-            return f"v_pool shape {tuple(v_pool.shape)} differs from k_pool shape {tuple(k_pool.shape)}"
-        if v_pool.dtype != k_pool.dtype:
-            return f"v_pool dtype {v_pool.dtype} differs from k_pool dtype {k_pool.dtype}"
-        if v_pool.stride(-1) != 1:
-            return f"v_pool's last dim must be contiguous (stride 1), got strides {v_pool.stride()}"
-    tensors = {"q": q, "k_pool": k_pool, "v_pool": v_pool}
+        return reason.replace("k_cache", "k_pool").replace("v_cache", "v_pool")
     if block_table is not None:
         if block_table.ndim != 2 or block_table.shape[0] != B or block_table.shape[1] == 0:
             return f"block_table must be [B = {B}, max_blocks_per_seq >= 1], got shape {tuple(block_table.shape)}"
         if block_table.dtype not in (torch.int32, torch.int64):
             return f"block_table must be int32 or int64, got {block_table.dtype}"
-        tensors["block_table"] = block_table
-    if seq_lens is not None:
-        if seq_lens.shape != (B,):
-            return f"seq_lens must have shape ({B},), got {tuple(seq_lens.shape)}"
-        if seq_lens.dtype not in (torch.int32, torch.int64):
-            return f"seq_lens must be int32 or int64, got {seq_lens.dtype}"
-        tensors["seq_lens"] = seq_lens
-    devices = {t.device for t in tensors.values() if t is not None}
-    if len(devices) != 1:
-        return "tensors on different devices: " + ", ".join(
-            f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+        if block_table.device != q.device:
+            return f"tensors on different devices: q on {q.device}, block_table on {block_table.device}"
     return None
 
 
