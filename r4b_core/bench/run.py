@@ -134,9 +134,6 @@ def _load_source(options: BenchOptions, dtype: torch.dtype, device: torch.device
 @torch.inference_mode()
 def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) -> dict:
     """Measure everything ``options`` asks for; a JSON-ready dict (see the module docstring)."""
-    from r4b_core.bench.load import time_loads
-    from r4b_core.bench.prefill import image_prompt, prefill_stages, time_prefill
-
     device = torch.device(options.device)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     main_name = _dtype_name(options.dtype)
@@ -146,35 +143,72 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     needs_fp32 = any(d == torch.float32 or q == "int8" for d, q in specs.values())
     source_dtype = torch.float32 if needs_fp32 else options.dtype
     source, label = _load_source(options, source_dtype, device, progress)
-    config = source.config
 
     models: dict[str, torch.nn.Module] = {}
     modes: dict[str, str] = {}
     for name, (dtype, quantize) in specs.items():
         models[name], modes[name] = _variant_model(source, source_dtype, dtype, quantize)
-    main_model = models[main_key]
     compiled_model = None
     if options.compile:  # the main dtype as it would be compiled (prepacked weights cannot be traced)
         compiled_model, _ = _variant_model(source, source_dtype, options.dtype, options.quantize, compile=True)
-    reference_name = "float32-plain" if "float32-plain" in models else None
-
     gen = torch.Generator().manual_seed(0)
     text_ids = torch.randint(0, 1000, (max(options.batch_sizes + (1,)), options.prompt_tokens), generator=gen)
     text_ids = text_ids.to(device)  # [B_max, T]; batch b uses the first b rows
+    ref = _transformers_reference(options, source, device, progress) if options.transformers else None
+
+    variants, batch_names = _decode_variants(options, models, compiled_model, ref, source, source_dtype, text_ids)
+    decode = run_rounds(variants, device, options.max_new_tokens, options.repeats,
+                        max(options.max_repeats, options.repeats), options.max_spread, progress)
+    results = decode["variants"]
+    for name, v in results.items():
+        progress(f"  {name}: {v['tokens_per_s']:.2f} tokens/s, {100 * v['share_of_limit']:.1f} % of its limit "
+                 f"({v['rounds']} rounds, per-round spread {100 * v['round_spread']:.0f} %)")
+    result: dict = {
+        "model": label, "device": str(device), "dtype": main_name, "quantize": options.quantize,
+        "threads": torch.get_num_threads(), "load_average_1min_start": load_start,
+        "prompt_tokens": options.prompt_tokens, "max_new_tokens": options.max_new_tokens, "linear_modes": modes,
+        "copy_bandwidth": decode["copy_bandwidth"], "decode": results,
+    }
+    result.update(_decode_ratios(options, results, batch_names))
+    if "float32-plain" in models:
+        result["logit_error_vs_float32_plain"] = {
+            name: _logit_error(models["float32-plain"], models[name], text_ids[:1])
+            for name in models if name != "float32-plain"}
+    if options.prefill:
+        result.update(_prefill_result(options, models[main_key], ref, text_ids, device, progress))
+
+    del ref, models, source, compiled_model, variants  # free the weights before timing fresh-process loads
+    if options.load:
+        result.update(_load_result(options, progress))
+    result["peak_memory_bytes"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return result
+
+
+def _transformers_reference(options: BenchOptions, source: torch.nn.Module, device: torch.device,
+                            progress: Callable[[str], None]):
+    """transformers' R-4B built from the same weights as ``source``, in the main dtype."""
+    from r4b_core.reference.parity import reference_from_tensors
+    from r4b_weights.names import R4B, ours_to_hf
+
+    progress("building the transformers reference from the same weights ...")
+    config = source.config
+    tensors = {ours_to_hf(k, R4B): t for k, t in source.state_dict().items()
+               if not (config.tie_lm_head and k == "language_model.lm_head.weight")}
+    return reference_from_tensors(config, tensors, dtype=options.dtype, device=device)
+
+
+def _decode_variants(options: BenchOptions, models: dict[str, torch.nn.Module], compiled_model, ref,
+                     source: torch.nn.Module, source_dtype: torch.dtype,
+                     text_ids: torch.Tensor) -> tuple[list, dict[int, tuple[str, str | None]]]:
+    """The timed decode runs: each variant at batch 1, the compiled main model, the main model at each
+    batch size and transformers beside it; and per batch size, the names of (ours, transformers or None)."""
+    main_name = _dtype_name(options.dtype)
+    main_key = variant_name(options.dtype, options.quantize)
     context = options.prompt_tokens + options.max_new_tokens // 2
     n = options.max_new_tokens
-
-    ref = None
-    if options.transformers:
-        from r4b_core.reference.parity import reference_from_tensors
-        from r4b_weights.names import R4B, ours_to_hf
-
-        progress("building the transformers reference from the same weights ...")
-        tensors = {ours_to_hf(k, R4B): t for k, t in source.state_dict().items()
-                   if not (config.tie_lm_head and k == "language_model.lm_head.weight")}
-        ref = reference_from_tensors(config, tensors, dtype=options.dtype, device=device)
-        del tensors
-
     variants = [ours_variant(name, models[name], text_ids[:1], n, compile=False, context=context)
                 for name in options.variants]
     by_name = {v.name: v for v in variants}
@@ -185,7 +219,8 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     for b in options.batch_sizes:
         ours_name = main_key if b == 1 and main_key in by_name else f"{main_key} batch {b}"
         if ours_name not in by_name:
-            by_name[ours_name] = ours_variant(ours_name, main_model, text_ids[:b], n, compile=False, context=context)
+            by_name[ours_name] = ours_variant(ours_name, models[main_key], text_ids[:b], n, compile=False,
+                                              context=context)
             variants.append(by_name[ours_name])
         ref_name = None
         if ref is not None:
@@ -194,77 +229,72 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
             ref_bytes = (decode_bytes_per_step(source, b, context) * options.dtype.itemsize) // source_dtype.itemsize
             variants.append(transformers_variant(ref_name, ref, text_ids[:b], ref_bytes))
         batch_names[b] = (ours_name, ref_name)
+    return variants, batch_names
 
-    decode = run_rounds(variants, device, n, options.repeats, max(options.max_repeats, options.repeats),
-                        options.max_spread, progress)
-    results = decode["variants"]
-    for name, v in results.items():
-        progress(f"  {name}: {v['tokens_per_s']:.2f} tokens/s, {100 * v['share_of_limit']:.1f} % of its limit "
-                 f"({v['rounds']} rounds, per-round spread {100 * v['round_spread']:.0f} %)")
-    result: dict = {
-        "model": label, "device": str(device), "dtype": main_name, "quantize": options.quantize,
-        "threads": torch.get_num_threads(), "load_average_1min_start": load_start,
-        "prompt_tokens": options.prompt_tokens, "max_new_tokens": n, "linear_modes": modes,
-        "copy_bandwidth": decode["copy_bandwidth"], "decode": results,
-    }
+
+def _decode_ratios(options: BenchOptions, results: dict[str, dict],
+                   batch_names: dict[int, tuple[str, str | None]]) -> dict:
+    """The decode figures as flat keys (tokens/s, share of the limit, speed ratios) and per batch size."""
+    main_name = _dtype_name(options.dtype)
+    main_key = variant_name(options.dtype, options.quantize)
+    out: dict = {}
     for name in list(options.variants) + ([f"{main_name} compiled"] if options.compile else []):
         key = name.replace(" ", "_").replace("-", "_")
-        result[f"decode_tokens_per_s_{key}"] = results[name]["tokens_per_s"]
-        result[f"decode_share_of_limit_{key}"] = results[name]["share_of_limit"]
+        out[f"decode_tokens_per_s_{key}"] = results[name]["tokens_per_s"]
+        out[f"decode_share_of_limit_{key}"] = results[name]["share_of_limit"]
     for base in ("float32", "float32-plain"):
         for name in options.variants:
             if base in results and name != base and name in results and name not in ("float32", "float32-plain"):
-                result[f"decode_speed_ratio_{name.replace('-', '_')}_vs_{base.replace('-', '_')}"] = (
+                out[f"decode_speed_ratio_{name.replace('-', '_')}_vs_{base.replace('-', '_')}"] = (
                     results[name]["tokens_per_s"] / results[base]["tokens_per_s"])
     if "float32" in results and "float32-plain" in results:
-        result["decode_speed_ratio_float32_vs_float32_plain"] = (results["float32"]["tokens_per_s"]
-                                                                 / results["float32-plain"]["tokens_per_s"])
+        out["decode_speed_ratio_float32_vs_float32_plain"] = (results["float32"]["tokens_per_s"]
+                                                              / results["float32-plain"]["tokens_per_s"])
     if options.compile and main_key in results:
-        result["decode_speed_ratio_compiled_vs_eager"] = (results[f"{main_name} compiled"]["tokens_per_s"]
-                                                          / results[main_key]["tokens_per_s"])
-    result["batches"] = {}
+        out["decode_speed_ratio_compiled_vs_eager"] = (results[f"{main_name} compiled"]["tokens_per_s"]
+                                                       / results[main_key]["tokens_per_s"])
+    out["batches"] = {}
     for b, (ours_name, ref_name) in batch_names.items():
         entry = {"ours": results[ours_name]}
         if ref_name is not None:
             entry["transformers"] = results[ref_name]
             ratio = results[ours_name]["tokens_per_s"] / results[ref_name]["tokens_per_s"]
             entry["throughput_ratio_ours_vs_transformers"] = ratio
-            result[f"batch{b}_throughput_ratio_ours_vs_transformers"] = ratio
-        result["batches"][str(b)] = entry
+            out[f"batch{b}_throughput_ratio_ours_vs_transformers"] = ratio
+        out["batches"][str(b)] = entry
+    return out
 
-    if reference_name is not None:
-        result["logit_error_vs_float32_plain"] = {
-            name: _logit_error(models[reference_name], models[name], text_ids[:1])
-            for name in models if name != reference_name}
 
-    if options.prefill:
-        image_ids, image_inputs = image_prompt(config, device, options.dtype, options.prompt_tokens // 4)
-        stages = prefill_stages(main_model, ref, text_ids[:1], image_ids, image_inputs)
-        prefill = time_prefill(stages, device, options.repeats, max(options.max_repeats, options.repeats),
-                               options.max_spread, progress)
-        prefill["image_prompt_tokens"] = int(image_ids.shape[1])
-        result["prefill"] = prefill
-        for stage in ("prefill_text", "prefill_image", "vision"):
-            if "time_ratio_ours_vs_transformers" in prefill[stage]:
-                result[f"{stage}_time_ratio_ours_vs_transformers"] = prefill[stage]["time_ratio_ours_vs_transformers"]
+def _prefill_result(options: BenchOptions, model: torch.nn.Module, ref, text_ids: torch.Tensor,
+                    device: torch.device, progress: Callable[[str], None]) -> dict:
+    """Prefill timings (text prompt, image prompt, vision stage), ours and transformers' when given."""
+    from r4b_core.bench.prefill import image_prompt, prefill_stages, time_prefill
 
-    del ref, models, source, main_model, compiled_model, variants, by_name
-    if options.load:
-        from r4b_core.reference.synthetic import cached_synthetic_checkpoint
+    image_ids, image_inputs = image_prompt(model.config, device, options.dtype, options.prompt_tokens // 4)
+    stages = prefill_stages(model, ref, text_ids[:1], image_ids, image_inputs)
+    prefill = time_prefill(stages, device, options.repeats, max(options.max_repeats, options.repeats),
+                           options.max_spread, progress)
+    prefill["image_prompt_tokens"] = int(image_ids.shape[1])
+    out = {"prefill": prefill}
+    for stage in ("prefill_text", "prefill_image", "vision"):
+        if "time_ratio_ours_vs_transformers" in prefill[stage]:
+            out[f"{stage}_time_ratio_ours_vs_transformers"] = prefill[stage]["time_ratio_ours_vs_transformers"]
+    return out
 
-        directory = options.model_dir or str(cached_synthetic_checkpoint(options.preset))
-        loads = time_loads(directory, main_name, options.load_repeats,
-                           sides=("ours", "transformers") if options.transformers else ("ours",), progress=progress)
-        result["load"] = loads
-        for key in ("load_time_ratio_ours_vs_transformers", "peak_rss_ratio_ours_vs_transformers"):
-            if key in loads:
-                result[key] = loads[key]
 
-    result["peak_memory_bytes"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    return result
+def _load_result(options: BenchOptions, progress: Callable[[str], None]) -> dict:
+    """Load timings in fresh processes, ours and transformers' when given."""
+    from r4b_core.bench.load import time_loads
+    from r4b_core.reference.synthetic import cached_synthetic_checkpoint
+
+    directory = options.model_dir or str(cached_synthetic_checkpoint(options.preset))
+    loads = time_loads(directory, _dtype_name(options.dtype), options.load_repeats,
+                       sides=("ours", "transformers") if options.transformers else ("ours",), progress=progress)
+    out = {"load": loads}
+    for key in ("load_time_ratio_ours_vs_transformers", "peak_rss_ratio_ours_vs_transformers"):
+        if key in loads:
+            out[key] = loads[key]
+    return out
 
 
 def format_table(result: dict) -> str:
