@@ -8,7 +8,7 @@ This module never imports model classes: it reads the layout it needs from ``mod
     config = R4BConfig.from_hf_dict(raw, source=str(config_path))
     with torch.device("meta"):
         model = R4BForConditionalGeneration(config)
-    load_r4b_weights(model, directory, config_path, raw, dtype, device)   # or load_text_weights
+    load_weights(model, directory, config_path, raw, dtype, device)   # the layout from model.config
 
 Order of work, so that a bad checkpoint never yields a half-loaded model:
 1. find the safetensors files (index, shards) and read every header (names, shapes; no data);
@@ -317,16 +317,7 @@ def open_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> tu
     return directory, config_path, raw
 
 
-def _model_config(model: nn.Module, expected: type, function: str, config_path: str | Path):
-    """``model.config``, a TypeError unless it is an ``expected`` (the config parsed from ``config_path``)."""
-    config = getattr(model, "config", None)
-    if not isinstance(config, expected):
-        raise TypeError(f"{function}: model.config is a {type(config).__name__}; expected the {expected.__name__} "
-                        f"parsed from {config_path}.")
-    return config
-
-
-def load_text_weights(
+def load_weights(
     model: nn.Module,
     directory: str | Path,
     config_path: str | Path,
@@ -336,68 +327,44 @@ def load_text_weights(
     progress: bool = False,
     check_finite: bool = False,
 ) -> nn.Module:
-    """Load a Qwen3 checkpoint, or the text side of an R-4B one, into ``model``; returns ``model``.
+    """Load a checkpoint into ``model`` (normally built on the meta device); returns ``model``.
 
-    ``model`` is a Qwen3 causal LM (``model.*`` decoder, ``lm_head``) whose ``config`` is the
-    ``TextConfig`` parsed from ``config_path``; ``raw`` is that config.json as read (it tells an R-4B
-    checkpoint from a plain Qwen3 one, and gives the dtype for ``dtype='auto'``).
+    What is read follows ``model.config``, the config parsed from ``config_path``:
+    - an ``R4BConfig``: the full model's names (``language_model.*``, ``vision_tower.*``,
+      ``multi_modal_projector.*``, ``image_newline``) from a checkpoint in R-4B's layout (or the legacy
+      LLaVA spelling);
+    - a ``TextConfig``: a Qwen3 causal LM (``model.*`` decoder, ``lm_head``) from a Qwen3 checkpoint, or
+      from the text side of an R-4B one (``raw`` tells them apart).
+    ``raw`` is that config.json as read (also the dtype for ``dtype='auto'``).
     dtype: a torch dtype, 'float32' / 'bfloat16' / 'float16', or 'auto' (config.json's dtype).
-    device: checked first (r4b_core/devices.py), before any tensor is read. check_finite: see
-    ``load_checkpoint_into``.
+    device: checked first (r4b_core/devices.py), before any tensor is read. progress, check_finite: see
+    ``load_checkpoint_into``. TypeError when ``model.config`` is neither.
     """
     device = check_device(device)
-    config = _model_config(model, TextConfig, "load_text_weights", config_path)
-    is_r4b = "text_config" in raw
+    config = getattr(model, "config", None)
+    if isinstance(config, R4BConfig):
+        tied = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"} if config.tie_lm_head else {}
+        to_model_name, to_hf_name = hf_to_ours, lambda name: ours_to_hf(name, R4B)
+        checks, counts = r4b_config_checks(config), layer_count_rules(config, True, full_names=True)
+    elif isinstance(config, TextConfig):
+        is_r4b = "text_config" in raw
 
-    def to_model_name(hf: str) -> str | None:
-        ours = hf_to_ours(hf)
-        return None if ours is None else full_to_text(ours)  # vision side: not part of the text model
+        def to_model_name(hf: str) -> str | None:
+            ours = hf_to_ours(hf)
+            return None if ours is None else full_to_text(ours)  # vision side: not part of the text model
 
-    def to_hf_name(name: str) -> str:
-        return ours_to_hf(text_to_full(name), R4B if is_r4b else QWEN3)
+        def to_hf_name(name: str) -> str:
+            return ours_to_hf(text_to_full(name), R4B if is_r4b else QWEN3)
 
-    section = "text_config" if is_r4b else ""
-    tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+        tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+        checks = text_config_checks(config, "model.", "text_config" if is_r4b else "")
+        counts = layer_count_rules(config, is_r4b, full_names=False)
+    else:
+        raise TypeError(f"load_weights: model.config is a {type(config).__name__}; expected the R4BConfig or "
+                        f"TextConfig parsed from {config_path}.")
     load_checkpoint_into(
         model, Path(directory), to_model_name, to_hf_name, resolve_dtype(dtype, raw), device, tied,
-        config_checks=text_config_checks(config, "model.", section),
-        layer_counts=layer_count_rules(config, is_r4b, full_names=False),
-        config_path=str(config_path),
-        progress=progress,
+        config_checks=checks, layer_counts=counts, config_path=str(config_path), progress=progress,
         check_finite=check_finite,
     )
     return model.to(device)
-
-
-def load_r4b_weights(
-    model: nn.Module,
-    directory: str | Path,
-    config_path: str | Path,
-    raw: dict,
-    dtype: torch.dtype | str = torch.float32,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    check_finite: bool = False,
-) -> nn.Module:
-    """Load a checkpoint in R-4B's layout (or the legacy LLaVA spelling) into ``model``; returns ``model``.
-
-    ``model`` has the full model's parameter names (``language_model.*``, ``vision_tower.*``,
-    ``multi_modal_projector.*``, ``image_newline``) and its ``config`` is the ``R4BConfig`` parsed from
-    ``config_path``; ``raw`` is that config.json as read (for ``dtype='auto'``). ``device`` is checked
-    first; ``check_finite``: see ``load_checkpoint_into``.
-    """
-    device = check_device(device)
-    config = _model_config(model, R4BConfig, "load_r4b_weights", config_path)
-    tied = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"} if config.tie_lm_head else {}
-    load_checkpoint_into(
-        model, Path(directory), hf_to_ours, lambda name: ours_to_hf(name, R4B), resolve_dtype(dtype, raw), device,
-        tied,
-        config_checks=r4b_config_checks(config),
-        layer_counts=layer_count_rules(config, True, full_names=True),
-        config_path=str(config_path),
-        progress=progress,
-        check_finite=check_finite,
-    )
-    return model.to(device)
-
-

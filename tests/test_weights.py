@@ -798,12 +798,12 @@ class TextHeadOnly(torch.nn.Module):
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
-def test_load_text_weights_fills_a_module_built_on_meta(tmp_path):
+def test_load_weights_fills_a_text_module_built_on_meta(tmp_path):
     d, model = saved(tmp_path / "ckpt")
     directory, config_path, raw = r4b_weights.open_checkpoint(d)
     with torch.device("meta"):
         target = TextHeadOnly(model.config)
-    loaded = r4b_weights.load_text_weights(target, directory, config_path, raw, dtype="float32")
+    loaded = r4b_weights.load_weights(target, directory, config_path, raw, dtype="float32")
     assert loaded is target
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     assert_same_state(loaded, model)
@@ -812,8 +812,8 @@ def test_load_text_weights_fills_a_module_built_on_meta(tmp_path):
 def test_loader_checks_the_module_config_type(tmp_path):
     d, model = saved(tmp_path / "ckpt")
     directory, config_path, raw = r4b_weights.open_checkpoint(d)
-    with pytest.raises(TypeError, match="R4BConfig"):
-        r4b_weights.load_r4b_weights(Qwen3ForCausalLM(model.config), directory, config_path, raw)
+    with pytest.raises(TypeError, match="model.config is a NoneType; expected the R4BConfig or TextConfig"):
+        r4b_weights.load_weights(torch.nn.Linear(2, 2), directory, config_path, raw)
 
 
 def test_meta_buffer_no_checkpoint_fills_is_refused_before_reading(tmp_path, monkeypatch):
@@ -828,7 +828,7 @@ def test_meta_buffer_no_checkpoint_fills_is_refused_before_reading(tmp_path, mon
 
     monkeypatch.setattr("r4b_weights.loader.iter_tensors", no_reads)
     with pytest.raises(ValueError, match="scratch"):
-        r4b_weights.load_text_weights(target, directory, config_path, raw)
+        r4b_weights.load_weights(target, directory, config_path, raw)
 
 
 def test_export_takes_the_layout_from_the_config(tmp_path):

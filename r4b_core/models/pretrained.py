@@ -3,26 +3,20 @@ weights (r4b_weights.loader does the reading; see there for what is checked and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-import torch.nn as nn
 
 M = TypeVar("M", bound="FromPretrained")
 
 
 class FromPretrained:
     """Mixin for an ``nn.Module`` built from a config: a class sets how it reads its config
-    (``_config_from_hf``) and which loader fills its weights (``_weights_loader``)."""
+    (``_config_from_hf``); r4b_weights.loader.load_weights fills its weights by what that config is."""
 
     @classmethod
     def _config_from_hf(cls, raw: dict, source: str):  # -> the class's config dataclass
-        raise NotImplementedError
-
-    @classmethod
-    def _weights_loader(cls) -> Callable[..., nn.Module]:
         raise NotImplementedError
 
     @classmethod
@@ -43,7 +37,7 @@ class FromPretrained:
         extra pass over the weights).
         """
         from r4b_core.devices import check_device
-        from r4b_weights.loader import check_layer_counts, open_checkpoint  # the layer below, on use
+        from r4b_weights.loader import check_layer_counts, load_weights, open_checkpoint  # the layer below, on use
 
         device = check_device(device)
         directory, config_path, raw = open_checkpoint(path_or_repo, revision)
@@ -51,5 +45,4 @@ class FromPretrained:
         check_layer_counts(directory, config, config_path, raw)  # before building that many layers
         with torch.device("meta"):
             model = cls(config)
-        load = cls._weights_loader()
-        return load(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()
+        return load_weights(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()

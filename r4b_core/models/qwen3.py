@@ -294,9 +294,3 @@ class Qwen3ForCausalLM(FromPretrained, nn.Module):
     def _config_from_hf(cls, raw: dict, source: str) -> TextConfig:
         """The decoder of a Qwen3 checkpoint, or the text side of an R-4B one (``from_pretrained``)."""
         return text_config_from_dict(raw, source=source)
-
-    @classmethod
-    def _weights_loader(cls):
-        from r4b_weights.loader import load_text_weights  # the layer below, on use
-
-        return load_text_weights

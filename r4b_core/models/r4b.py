@@ -203,9 +203,3 @@ class R4BForConditionalGeneration(FromPretrained, nn.Module):
     @classmethod
     def _config_from_hf(cls, raw: dict, source: str) -> R4BConfig:
         return R4BConfig.from_hf_dict(raw, source=source)
-
-    @classmethod
-    def _weights_loader(cls):
-        from r4b_weights.loader import load_r4b_weights  # the layer below, on use
-
-        return load_r4b_weights
