@@ -113,8 +113,11 @@ class _LoadProgress:
     """Loading progress on stderr: a progress bar on a terminal; otherwise (a log file, a pipe, CI) one plain
     line at the start and one at the end, since a bar redrawn with carriage returns is unreadable there."""
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.start = total, label, time.perf_counter()
+    def __init__(self, total: int, label: str, started: float | None = None) -> None:
+        # started: when the caller's load began (time.perf_counter()), so the closing line's figure is the
+        # whole load (config, meta build, checks, reads) and the only load time a command prints
+        self.total, self.label = total, label
+        self.start = time.perf_counter() if started is None else started
         self.bar = None
         if sys.stderr.isatty():
             from tqdm.auto import tqdm  # a dependency of huggingface_hub
@@ -186,7 +189,7 @@ def load_checkpoint_into(
     config_checks: list[ConfigCheck],
     layer_counts: list[LayerCountRule],
     config_path: str,
-    progress: bool = False,
+    progress: bool | float = False,
     check_finite: bool = False,
 ) -> None:
     """Fill ``model`` (normally built on the meta device) from the safetensors in ``directory``; see the
@@ -197,7 +200,8 @@ def load_checkpoint_into(
     UnknownTensorName for names no rule covers). to_hf_name: the inverse, for messages.
     tied: model name -> the model name it shares storage with (not read from the checkpoint).
     layer_counts: (regex with the layer index as group 1, config key, expected count).
-    progress: show a progress bar (on stderr) while tensors are read (plain lines when stderr is not a terminal).
+    progress: show a progress bar (on stderr) while tensors are read (plain lines when stderr is not a terminal);
+    a float is the time.perf_counter() at which the caller's load began, which the closing line counts from.
     check_finite: check every floating tensor for NaN / Inf as it is read (NonFiniteTensorError naming the
     first, by HF name and file); it costs one pass over the weights.
     """
@@ -209,7 +213,8 @@ def load_checkpoint_into(
     where = f"{directory} ({', '.join(f.name for f in files)})"
     _check_tensors_fit(model, tied, hf_name, unexpected, infos, to_hf_name, where)
     state = _read_tensors(hf_name, infos, dtype, device, check_finite,  # step 4
-                          _LoadProgress(len(hf_name), directory.name) if progress else None)
+                          _LoadProgress(len(hf_name), directory.name,
+                                        progress if isinstance(progress, float) else None) if progress else None)
     _assign(model, state, tied)
 
 
@@ -324,7 +329,7 @@ def load_weights(
     raw: dict,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
-    progress: bool = False,
+    progress: bool | float = False,
     check_finite: bool = False,
 ) -> nn.Module:
     """Load a checkpoint into ``model`` (normally built on the meta device); returns ``model``.

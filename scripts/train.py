@@ -41,10 +41,25 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
-import torch
+INTERRUPTED_STATUS = 130  # Ctrl-C: the shell's status for SIGINT
+
+
+def _exit_quietly_on_ctrl_c(kind, error, trace) -> None:
+    """sys.excepthook while the imports below run (seconds): a Ctrl-C there is one line and status 130."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("train.py: interrupted", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED_STATUS)  # nothing is written yet; the interpreter may be half way through an import
+    sys.__excepthook__(kind, error, trace)
+
+
+if __name__ == "__main__":
+    sys.excepthook = _exit_quietly_on_ctrl_c
+
+import torch  # noqa: E402  (after the Ctrl-C hook above)
 import torch.distributed as dist
 
 from r4b_core.training.lora import apply_lora, merge_lora, save_lora
@@ -401,4 +416,8 @@ def export(model, args, source: str, rank: int, say) -> None:
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    try:
+        train(parse_args())
+    except KeyboardInterrupt:  # a state being written is left as a partial one, removed by the next run
+        print("train.py: interrupted", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_STATUS)

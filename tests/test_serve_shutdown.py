@@ -1,6 +1,6 @@
 """`r4b serve` as a real process: the CLI checks its options before loading, the bounded queue answers 429,
 and SIGTERM / SIGINT stop admitting, let queued and running requests finish (or cancel them at the
-deadline, telling their clients) and exit with status 0."""
+deadline, telling their clients) and exit with status 0 (SIGTERM) or 130 (SIGINT, Ctrl-C's status)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_sigterm_finishes_running_and_queued_requests_and_exits_0(tiny_checkpoin
         httpx.get(server.url + "/health", timeout=2)
 
 
-def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_0(tiny_checkpoint, tmp_path):
+def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_130(tiny_checkpoint, tmp_path):
     server = ServerProcess(tiny_checkpoint, tmp_path, "--max-batch-size", "2", "--shutdown-timeout", "0")
     try:
         streamed, started = [], threading.Event()
@@ -111,7 +111,8 @@ def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_0(tiny_checkpo
         running.start()
         assert started.wait(60)
         server.process.send_signal(signal.SIGINT)
-        assert server.wait_exit() == 0, server.log.read_text()
+        assert server.wait_exit() == 130, server.log.read_text()
+        assert "Traceback" not in server.log.read_text()
         running.join(10)
     finally:
         if server.process.poll() is None:

@@ -10,21 +10,34 @@ and an entry in ``COMMANDS``. Bodies raise; they never print their own errors: `
 r4b error (ValueError and its subclasses such as the checkpoint, config and image errors, OSError
 such as a missing file, ImportError of a missing optional dependency) into one line
 ``r4b: error: <message>`` on stderr and exit status 1; a Ctrl-C exits with 130, without a traceback.
+
+The command modules (which import torch) are imported inside ``main``'s error wrapper, not when this
+module is: a Ctrl-C during the seconds those imports take is the same one line and exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from types import ModuleType
 
-from r4b_core.cli import attention_map, bench, generate, inspect, lens, make_synthetic, parity, serve
-from r4b_core.cli import eval as eval_command  # the module is eval.py; `eval` would shadow the builtin here
 from r4b_core.cli.common import UsageError, apply_threads, common_options
 
-# in the order `r4b --help` lists them; a new command is a module added here
-COMMANDS: list[ModuleType] = [inspect, make_synthetic, generate, parity, bench, serve, eval_command, attention_map,
-                              lens]
+# the command modules in r4b_core/cli/, in the order `r4b --help` lists them; a new command is a module added here
+COMMAND_MODULES = ("inspect", "make_synthetic", "generate", "parity", "bench", "serve", "eval", "attention_map",
+                   "lens")
+
+
+def commands() -> list[ModuleType]:
+    """The command modules, imported (torch with them) on first call."""
+    return [importlib.import_module(f"r4b_core.cli.{name}") for name in COMMAND_MODULES]
+
+
+def __getattr__(name: str):  # ``COMMANDS``: the imported command modules, for callers that list them
+    if name == "COMMANDS":
+        return commands()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # optional dependencies -> how to install them (named in the error for a missing one)
 INSTALL_HINTS = {
@@ -43,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"r4b {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = [common_options()]
-    for command in COMMANDS:
+    for command in commands():
         command.add_parser(subparsers, parents).set_defaults(run=command.run)
     return parser
 
@@ -66,8 +79,8 @@ def missing_dependency(error: ImportError) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``r4b`` with ``argv`` (default: the process's arguments); returns the exit status."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         apply_threads(args)  # here, not at import time: importing r4b never changes torch's threads
         return args.run(args)
     except KeyboardInterrupt:

@@ -4,14 +4,16 @@
               [--kv-cache-tokens N | --kv-cache-gb GB] [--max-num-batched-tokens N] [--no-prefix-caching] [--exact]
               [--max-queue N] [--thinking-mode auto] [--max-thinking-tokens N] [--compile] [--api-key KEY]
               [--allow-remote-images] [--allow-local-images DIR] [--quantize auto|none|int8] [--device] [--dtype]
+              [--ssl-certfile PEM --ssl-keyfile PEM]
 
 Every option is checked before the weights load, and the listening socket is bound then too: a port in
 use, a --host that does not resolve or is not this machine's, or a port the user may not bind is one line
 ``r4b: error: ...`` and exit status 1 before any loading (the bound socket is handed to uvicorn, so no
-other process takes the port meanwhile; clients are refused until the model is ready). The server runs
-until SIGTERM or Ctrl-C, then stops admitting, lets running requests finish (cancelling what is left
-after --shutdown-timeout) and exits with status 0. Binding to an address other than loopback without
---api-key prints a warning.
+other process takes the port meanwhile; clients are refused until the model is ready); so is a
+--ssl-certfile / --ssl-keyfile that is missing or not a certificate and its key (loaded once to check).
+The server runs until SIGTERM or Ctrl-C, then stops admitting, lets running requests finish (cancelling
+what is left after --shutdown-timeout) and exits with status 0 after SIGTERM, 130 after Ctrl-C. Binding
+to an address other than loopback without --api-key prints a warning.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import argparse
 import errno
 import ipaddress
 import os
+import signal
 import socket
+import ssl
 from pathlib import Path
 
 from r4b_core.cli.common import (
@@ -101,6 +105,10 @@ def add_parser(subparsers: argparse._SubParsersAction,
     s.add_argument("--shutdown-timeout", type=finite_float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C, let running requests finish for this long, then cancel them "
                         "(default 30)")
+    s.add_argument("--ssl-certfile", metavar="PEM", type=Path,
+                   help="serve HTTPS with this certificate (chain) file; needs --ssl-keyfile unless the file holds "
+                        "the key too")
+    s.add_argument("--ssl-keyfile", metavar="PEM", type=Path, help="the private key of --ssl-certfile")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")
     return s
@@ -147,6 +155,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_tls_files(certfile: Path | None, keyfile: Path | None) -> None:
+    """--ssl-certfile / --ssl-keyfile loaded once as uvicorn will load them: an OSError naming the flag and
+    the file when one is missing, unreadable, or the pair is not a certificate and its key."""
+    if certfile is None:
+        if keyfile is not None:
+            raise OSError(f"--ssl-keyfile {keyfile}: given without --ssl-certfile; pass the certificate too.")
+        return
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path is not None and not path.expanduser().is_file():
+            raise OSError(f"{flag} {path}: no such file.")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            certfile.expanduser(), None if keyfile is None else keyfile.expanduser())
+    except (ssl.SSLError, OSError) as e:
+        pair = f"--ssl-certfile {certfile}" + ("" if keyfile is None else f" --ssl-keyfile {keyfile}")
+        raise OSError(f"{pair}: not a PEM certificate and its private key ({getattr(e, 'reason', None) or e.strerror or e}); "
+                      "give the server's certificate chain and the key it was issued for.") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import fastapi  # noqa: F401  (a missing 'serve' extra is reported before the weights load)
     import uvicorn  # noqa: F401
@@ -165,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
     local_dir = args.allow_local_images
     if local_dir is not None and not local_dir.expanduser().is_dir():
         raise UsageError(f"--allow-local-images {local_dir}: not a directory.")
+    check_tls_files(args.ssl_certfile, args.ssl_keyfile)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    listening = bind_socket(args.host, args.port)  # before the weights load: a taken port fails at once
     if not is_loopback(args.host) and api_key is None:
         progress_to_stderr(f"r4b serve: warning: listening on {args.host} without --api-key; anyone who can reach "
                            "this address can use the model.")
@@ -175,7 +204,6 @@ def run(args: argparse.Namespace) -> int:
     if args.max_seq_len is not None and not 2 <= args.max_seq_len <= positions:
         raise UsageError(f"--max-seq-len {args.max_seq_len}: must be in 2..{positions} (the model's "
                          "max_position_embeddings).")
-    listening = bind_socket(args.host, args.port)  # before the weights load: a taken port fails at once
     processor = setup.load_processor()  # the server's one image limit: --max-image-pixels, else the default
     model = setup.load_model()
     fast_linears(model, args.quantize, compile=args.compile)  # --quantize: prepacked (CPU) / as loaded / int8
@@ -199,10 +227,13 @@ def run(args: argparse.Namespace) -> int:
                            max_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS),
         shutdown_deadline_s=args.shutdown_timeout)
     app = create_app(engine, processor, config)
+    scheme = "http" if args.ssl_certfile is None else "https"
     progress_to_stderr(f"r4b serve: model {name!r} ({directory}, {dtype}, {device}); up to {args.max_batch_size} "
                        f"requests of {engine.max_seq_len} tokens over a KV pool of {engine.kv_cache_tokens} tokens "
-                       f"({engine.cache.nbytes / 2**30:.2f} GiB); http://{args.host}:{args.port}/v1")
-    serve_forever(app, engine, args.host, args.port, deadline_s=args.shutdown_timeout, log_level=args.log_level,
-                  sockets=[listening])
+                       f"({engine.cache.nbytes / 2**30:.2f} GiB); {scheme}://{args.host}:{args.port}/v1")
+    stopped_by = serve_forever(app, engine, args.host, args.port, deadline_s=args.shutdown_timeout,
+                               log_level=args.log_level, sockets=[listening],
+                               ssl_certfile=None if args.ssl_certfile is None else str(args.ssl_certfile.expanduser()),
+                               ssl_keyfile=None if args.ssl_keyfile is None else str(args.ssl_keyfile.expanduser()))
     progress_to_stderr("r4b serve: stopped")
-    return 0
+    return 130 if stopped_by == signal.SIGINT else 0  # Ctrl-C: 130, as for every r4b command

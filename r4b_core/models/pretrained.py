@@ -3,6 +3,7 @@ weights (r4b_weights.loader does the reading; see there for what is checked and 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,10 +40,11 @@ class FromPretrained:
         from r4b_core.devices import check_device
         from r4b_weights.loader import check_layer_counts, load_weights, open_checkpoint  # the layer below, on use
 
+        started = time.perf_counter()  # the progress line's load time counts the meta build too (one figure)
         device = check_device(device)
         directory, config_path, raw = open_checkpoint(path_or_repo, revision)
         config = cls._config_from_hf(raw, str(config_path))
         check_layer_counts(directory, config, config_path, raw)  # before building that many layers
         with torch.device("meta"):
             model = cls(config)
-        return load_weights(model, directory, config_path, raw, dtype, device, progress, check_finite).eval()
+        return load_weights(model, directory, config_path, raw, dtype, device, progress and started, check_finite).eval()

@@ -25,9 +25,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from r4b_core.serve import responses, schema
 from r4b_core.serve.chat_api import ChatHandler, response_ids
@@ -72,6 +73,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error",
                          code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # the client hung up while sending its body: nothing ran, nobody to answer; one line, no traceback
+        log.warning("r4b serve: a client disconnected before its request body was complete (%s %s); nothing ran",
+                    request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ request is cancelled, which frees its slot at the engine's next step).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from r4b_core.serve.schema import APIError, invalid
 from r4b_core.serve.token_picker import TopLogprobs
 
 POLL_S = 0.1  # how often a waiting handler checks whether its client is still there
+log = logging.getLogger("r4b.serve")
 
 
 @dataclass
@@ -86,6 +88,7 @@ class ChoiceRun:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int, EngineEvent]] = asyncio.Queue()
         self.choices: list[Choice] = []
+        self.client_gone = False
 
     def listener(self, index: int):
         """The ``on_event`` of choice ``index``'s engine request (runs on the engine thread)."""
@@ -110,6 +113,15 @@ class ChoiceRun:
         for choice in self.choices:
             choice.request.cancel()  # no-op when it finished; frees the slot when we stopped early
 
+    def _client_went_away(self, request: Request) -> None:
+        """Cancel every choice, saying so in one log line (once): a hung-up client is no server error."""
+        if not self.client_gone and not self.finished:
+            self.client_gone = True
+            tokens = sum(len(c.tokens) for c in self.choices)
+            log.warning("r4b serve: a client went away during its request (%s %s) after %d generated token(s); "
+                        "cancelled", request.method, request.url.path, tokens)
+        self.cancel()
+
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
@@ -128,21 +140,25 @@ class ChoiceRun:
         """Every choice's steps until all finished, or until the client went away (then ``finished`` is
         False). Events of a choice that already finished (a stop string) are dropped."""
         checked = time.monotonic()
-        while not self.finished:
-            try:
-                item = await asyncio.wait_for(self.events.get(), timeout=POLL_S)
-            except asyncio.TimeoutError:
-                item = None
-            if item is None or time.monotonic() - checked > POLL_S:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    self.cancel()
-                    return
-            if item is None:
-                continue
-            choice = self.choices[item[0]]
-            if choice.finish_reason is None:
-                yield choice, choice.step(item[1])
+        try:
+            while not self.finished:
+                try:
+                    item = await asyncio.wait_for(self.events.get(), timeout=POLL_S)
+                except asyncio.TimeoutError:
+                    item = None
+                if item is None or time.monotonic() - checked > POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        self._client_went_away(request)
+                        return
+                if item is None:
+                    continue
+                choice = self.choices[item[0]]
+                if choice.finish_reason is None:
+                    yield choice, choice.step(item[1])
+        except (asyncio.CancelledError, GeneratorExit):  # a stream whose connection closed: its task ends here
+            self._client_went_away(request)
+            raise
 
 
 def _refusal(e: Exception) -> APIError:

@@ -3,7 +3,8 @@
 ``serve_forever`` (what ``r4b serve`` runs): on the first SIGTERM or SIGINT the engine stops admitting
 (new requests get 503), uvicorn stops accepting connections, running and queued requests finish
 or, past ``deadline_s``, are cancelled (their clients get an error), the engine thread ends and the
-process exits with status 0. A second SIGINT quits at once (uvicorn's force exit).
+process exits (``r4b serve``: status 0 after SIGTERM, 130 after Ctrl-C / SIGINT, as for any r4b command).
+A second SIGINT quits at once (uvicorn's force exit).
 
 ``BackgroundServer`` runs the same server in a thread of this process (no signal handlers), for
 tests and notebooks: ``with BackgroundServer(app, engine) as server: server.url``.
@@ -26,27 +27,36 @@ class _GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine, deadline_s: float) -> None:
         super().__init__(config)
         self.engine, self.deadline_s = engine, deadline_s
+        self.stop_signal: int | None = None  # the first SIGTERM / SIGINT received
 
     def handle_exit(self, sig, frame) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = sig
         self.engine.begin_shutdown(self.deadline_s)
         super().handle_exit(sig, frame)
-        # uvicorn re-raises a captured signal after its shutdown (so the process dies of it); a graceful
-        # shutdown is a normal exit here: status 0
+        # uvicorn re-raises a captured signal after its shutdown (so the process dies of it, with a
+        # traceback for SIGINT); here the caller gets the signal from serve_forever and picks the status
         self._captured_signals.clear()
 
 
-def _uvicorn_config(app, host: str, port: int, deadline_s: float, log_level: str) -> uvicorn.Config:
+def _uvicorn_config(app, host: str, port: int, deadline_s: float, log_level: str,
+                    ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          timeout_graceful_shutdown=deadline_s + 2.0, access_log=log_level == "debug")
+                          timeout_graceful_shutdown=deadline_s + 2.0, access_log=log_level == "debug",
+                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
 
 def serve_forever(app, engine: Engine, host: str = "127.0.0.1", port: int = 8000, deadline_s: float = 30.0,
-                  log_level: str = "info", sockets: list[socket.socket] | None = None) -> None:
-    """Serve until SIGTERM / SIGINT (see the module docstring); returns after a graceful shutdown.
-    ``sockets``: already bound sockets to listen on instead of binding ``host``:``port`` (``r4b serve``
-    binds before loading the weights, so a taken port fails at once)."""
-    server = _GracefulServer(_uvicorn_config(app, host, port, deadline_s, log_level), engine, deadline_s)
+                  log_level: str = "info", sockets: list[socket.socket] | None = None,
+                  ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> int | None:
+    """Serve until SIGTERM / SIGINT (see the module docstring); returns the signal that stopped it (None if
+    none did) after a graceful shutdown. ``sockets``: already bound sockets to listen on instead of binding
+    ``host``:``port`` (``r4b serve`` binds before loading the weights, so a taken port fails at once).
+    ``ssl_certfile`` / ``ssl_keyfile``: serve HTTPS with this PEM certificate chain and key."""
+    config = _uvicorn_config(app, host, port, deadline_s, log_level, ssl_certfile, ssl_keyfile)
+    server = _GracefulServer(config, engine, deadline_s)
     server.run(sockets=sockets)
+    return server.stop_signal
 
 
 def free_port(host: str = "127.0.0.1") -> int:
