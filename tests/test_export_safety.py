@@ -6,7 +6,7 @@ leaves the previous export as it was.
 The old export wrote config.json in place, deleted every ``model-*-of-*`` shard and index it found (its own
 or not) and kept everything else; a failure half-way left a mix of old and new files. Each test here fails
 on it. An earlier export is replaced only with ``force=True`` too (issue 21). (Re-exporting into the same
-directory is also tested in test_weights.py.)
+directory is also tested in test_weights_round_trip.py.)
 """
 
 from __future__ import annotations
