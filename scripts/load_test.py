@@ -56,6 +56,15 @@ class Result:
     latency_s: float = 0.0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    decode_s: float | None = None  # first to last streamed text chunk
+    gaps_s: list[float] | None = None  # between consecutive streamed text chunks
+
+    @property
+    def decode_rate(self) -> float | None:
+        """This stream's decode tokens/s after its first token: (tokens - 1) / (last - first chunk)."""
+        if not self.decode_s or self.completion_tokens < 2:
+            return None
+        return (self.completion_tokens - 1) / self.decode_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +87,7 @@ def run_request(client: httpx.Client, url: str, model: str, prompt: str, max_tok
             return Result(finish is not None, lost=finish is None, status=200, latency_s=latency, ttft_s=None,
                           completion_tokens=data["usage"]["completion_tokens"], finish_reason=finish)
         body.update(stream=True, stream_options={"include_usage": True})
-        ttft, tokens, finish, done = None, 0, None, False
+        ttft, tokens, finish, done, marks = None, 0, None, False, []
         with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout_s) as r:
             if r.status_code != 200:
                 r.read()
@@ -97,13 +106,15 @@ def run_request(client: httpx.Client, url: str, model: str, prompt: str, max_tok
                     tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
                     delta = choice.get("delta", {})
-                    if ttft is None and (delta.get("content") or delta.get("reasoning_content")):
-                        ttft = time.perf_counter() - start
+                    if delta.get("content") or delta.get("reasoning_content"):
+                        marks.append(time.perf_counter())
+                        ttft = marks[0] - start if ttft is None else ttft
                     finish = choice.get("finish_reason") or finish
         latency = time.perf_counter() - start
         lost = not done or finish is None
         return Result(not lost, lost=lost, status=200, ttft_s=ttft, latency_s=latency, completion_tokens=tokens,
-                      finish_reason=finish)
+                      finish_reason=finish, decode_s=marks[-1] - marks[0] if len(marks) > 1 else None,
+                      gaps_s=[b - a for a, b in zip(marks, marks[1:])])
     except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
         return Result(False, error=f"{type(e).__name__}: {e}"[:200], latency_s=time.perf_counter() - start)
 
@@ -120,11 +131,15 @@ def summarize(results: list[Result], wall_s: float) -> dict:
     tokens = sum(r.completion_tokens for r in good)
     ttfts = [r.ttft_s for r in good if r.ttft_s is not None]
     latencies = [r.latency_s for r in good]
+    gaps = [g for r in good for g in (r.gaps_s or [])]
+    decode_rates = [r.decode_rate for r in good if r.decode_rate is not None]
     return {"requests": len(results), "completed": len(good), "failed": sum(not r.ok and not r.lost for r in results),
             "lost": sum(r.lost for r in results), "completion_tokens": tokens, "wall_s": round(wall_s, 3),
             "tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else None,
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95),
             "latency_p50_s": percentile(latencies, 0.5), "latency_p95_s": percentile(latencies, 0.95),
+            "itl_p50_s": percentile(gaps, 0.5), "itl_p95_s": percentile(gaps, 0.95),
+            "stream_decode_tokens_per_s_p50": percentile(decode_rates, 0.5),
             "errors": sorted({r.error for r in results if r.error})[:5]}
 
 
@@ -181,14 +196,16 @@ def rss_mib(pid: int | None) -> float | None:
 class StartedServer:
     """``r4b serve`` in a subprocess on a free loopback port; SIGTERM on stop."""
 
-    def __init__(self, model_dir: str, max_batch_size: int, max_seq_len: int, log_path: str) -> None:
+    def __init__(self, model_dir: str, max_batch_size: int, max_seq_len: int | None, log_path: str,
+                 extra: tuple[str, ...] = ()) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "r4b_core.cli", "serve", "--model", model_dir, "--port", str(self.port),
-                   "--max-batch-size", str(max_batch_size), "--max-seq-len", str(max_seq_len),
-                   "--max-queue", "1024", "--log-level", "warning"]
+                   "--max-batch-size", str(max_batch_size), "--max-queue", "1024", "--log-level", "warning", *extra]
+        if max_seq_len is not None:
+            command += ["--max-seq-len", str(max_seq_len)]
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         end = time.monotonic() + 600
@@ -218,17 +235,66 @@ class StartedServer:
             self.log.close()
 
 
+class GenerateReference:
+    """``generate()`` in this process on the server's checkpoint, with the server's defaults (``--quantize
+    auto``, the same ``--threads``), fed the server's own prompt ids for the sweep's prompt: its decode
+    tokens/s is what one client of the server should approach."""
+
+    def __init__(self, model_dir: str, threads: int | None, prompt_ids: list[int]) -> None:
+        import torch
+
+        from r4b_core.models.fast_linears import fast_linears
+        from r4b_core.models.r4b import R4BForConditionalGeneration
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = R4BForConditionalGeneration.from_pretrained(model_dir).eval()
+        fast_linears(self.model, "auto")
+        self.ids = torch.tensor([prompt_ids])  # [1, T]
+
+    def decode_rate(self, max_new_tokens: int) -> float:
+        """Decode tokens/s after the first token of one greedy run of ``max_new_tokens`` (no eos)."""
+        import torch
+
+        from r4b_core.generation.generate import generate_steps
+
+        marks = []
+        with torch.inference_mode():
+            for _ in generate_steps(self.model, self.ids, max_new_tokens=max_new_tokens):
+                marks.append(time.perf_counter())
+        return (len(marks) - 1) / (marks[-1] - marks[0])
+
+
+def sweep_prompt(words: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(words))
+
+
+def prompt_token_ids(url: str, model: str, prompt: str) -> list[int]:
+    """The ids the server runs for ``prompt`` (chat template, short thinking), via ``return_token_ids``."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
+            "return_token_ids": True, "chat_template_kwargs": {"thinking_mode": "short"}}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    r.raise_for_status()
+    return r.json()["prompt_token_ids"]
+
+
 # ---------------------------------------------------------------------------------------------
 # the two modes
 
 
-def sweep(args, url: str, model: str, deadline: float) -> dict:
-    """Each round runs every level once, in order (rounds alternate the levels, so a load that drifts on a
-    shared machine hits them alike); per level: the median rate over rounds, and the median of its
-    per-round ratio to the first level."""
-    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_words))
+def sweep(args, url: str, model: str, deadline: float, reference: GenerateReference | None = None) -> dict:
+    """Each round runs ``generate()`` once (``reference``) and every level once, in order (rounds alternate
+    them, so a load that drifts on a shared machine hits them alike); per level: the median rate over
+    rounds, and the median of its per-round ratio to the first level and of its streams' decode rate to
+    generate()'s."""
+    prompt = sweep_prompt(args.prompt_words)
     runs: dict[int, list[tuple[list[Result], float, int]]] = {c: [] for c in args.concurrency}
+    generate_rates: list[float] = []
     for round_index in range(args.rounds):
+        if reference is not None:
+            generate_rates.append(reference.decode_rate(args.max_tokens))
+            print(f"round {round_index + 1}/{args.rounds} generate(): {generate_rates[-1]:.2f} decode tokens/s",
+                  file=sys.stderr, flush=True)
         for concurrency in args.concurrency:
             jobs = [dict(prompt=f"{round_index}.{i}: {prompt}", max_tokens=args.max_tokens, stream=True,
                          ignore_eos=True) for i in range(concurrency * args.requests_per_client)]
@@ -246,8 +312,14 @@ def sweep(args, url: str, model: str, deadline: float) -> dict:
         levels[concurrency] = {**pooled, "tokens_per_s": round(statistics.median(rates), 2),
                                "tokens_per_s_rounds": rates, "speedup_vs_first": round(statistics.median(ratios), 2),
                                "skipped": sum(skipped for _, _, skipped in rounds)}
+        if generate_rates:  # each round's median stream decode rate over that round's generate() rate
+            stream = [statistics.median([r.decode_rate for r in results if r.ok and r.decode_rate] or [0.0])
+                      for results, _, _ in rounds]
+            levels[concurrency]["stream_vs_generate"] = round(statistics.median(
+                a / g for a, g in zip(stream, generate_rates)), 3)
     return {"mode": "sweep", "prompt_words": args.prompt_words, "max_tokens": args.max_tokens, "rounds": args.rounds,
-            "levels": levels}
+            "levels": levels, "generate_decode_tokens_per_s": round(statistics.median(generate_rates), 2)
+            if generate_rates else None}
 
 
 def soak(args, url: str, model: str, deadline: float, pid: int | None) -> dict:
@@ -299,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (default 300)")
     p.add_argument("--max-duration", type=float, default=1800.0,
                    help="stop starting requests after this many seconds (default 1800)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the server started here and of the generate() reference (default 1: on "
+                        "2 shared cores, more threads only wait on each other)")
+    p.add_argument("--no-generate", action="store_true",
+                   help="sweep: skip the in-process generate() reference (it needs the checkpoint: --model or --preset)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -309,13 +386,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--url {args.url}: this load test only talks to a loopback address (127.0.0.1, ::1, localhost)")
 
     server = None
+    model_dir = args.model
     if args.url is None:
         from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
         model_dir = args.model or str(cached_synthetic_checkpoint(args.preset))
         print(f"starting r4b serve on {model_dir} ...", file=sys.stderr, flush=True)
         server = StartedServer(model_dir, args.max_batch_size, args.max_seq_len,
-                               log_path=os.environ.get("R4B_LOAD_TEST_LOG", "/tmp/r4b-load-test-server.log"))
+                               log_path=os.environ.get("R4B_LOAD_TEST_LOG", "/tmp/r4b-load-test-server.log"),
+                               extra=("--threads", str(args.threads)) if args.threads else ())
     url = args.url or server.url
     try:
         model = args.served_model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -324,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"the warm-up request failed: {warm.error or warm.status}")
         deadline = time.monotonic() + args.max_duration
         pid = server.pid if server else None
-        report = sweep(args, url, model, deadline) if args.mode == "sweep" else soak(args, url, model, deadline, pid)
+        if args.mode == "sweep":
+            reference = None
+            if model_dir and not args.no_generate:
+                ids = prompt_token_ids(url, model, sweep_prompt(args.prompt_words))
+                reference = GenerateReference(model_dir, args.threads, ids)
+            report = sweep(args, url, model, deadline, reference)
+        else:
+            report = soak(args, url, model, deadline, pid)
     finally:
         status = server.stop() if server else None
     report.update(url=url, model=model, server_exit_status=status, cpu_count=os.cpu_count(),
@@ -344,11 +430,16 @@ def format_report(report: dict) -> str:
     if report["mode"] == "sweep":
         lines.append(f"{report['max_tokens']} tokens per request (ignore_eos), {report['prompt_words']}-word prompt, "
                      f"{report['rounds']} rounds (tokens/s: median over rounds)")
-        lines.append("concurrency  done/req  tokens/s  vs first  TTFT p50/p95 s  latency p50/p95 s  failed  lost")
+        if report.get("generate_decode_tokens_per_s"):
+            lines.append(f"generate() on the same weights, same prompt: {report['generate_decode_tokens_per_s']:.2f} "
+                         "decode tokens/s (median over rounds)")
+        lines.append("concurrency  done/req  tokens/s  vs first  stream/generate  TTFT p50/p95 s  ITL p50/p95 ms  "
+                     "failed  lost")
         for c, r in report["levels"].items():
+            itl = "/".join("-" if r[k] is None else f"{r[k] * 1e3:.0f}" for k in ("itl_p50_s", "itl_p95_s"))
             lines.append(f"{c:>11}  {r['completed']:>4}/{r['requests']:<3}  {_s(r['tokens_per_s']):>8}  "
-                         f"{_s(r['speedup_vs_first']):>8}  {_s(r['ttft_p50_s']):>6}/{_s(r['ttft_p95_s']):<6}  "
-                         f"{_s(r['latency_p50_s']):>8}/{_s(r['latency_p95_s']):<8}  {r['failed']:>6}  {r['lost']:>4}")
+                         f"{_s(r['speedup_vs_first']):>8}  {_s(r.get('stream_vs_generate')):>15}  "
+                         f"{_s(r['ttft_p50_s']):>6}/{_s(r['ttft_p95_s']):<6}  {itl:>14}  {r['failed']:>6}  {r['lost']:>4}")
     else:
         engine = report["engine"]
         lines.append(f"soak: {report['requests']} requests at concurrency {report['concurrency']} in "
