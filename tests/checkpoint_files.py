@@ -13,6 +13,8 @@ from r4b_core import Qwen3ForCausalLM
 from r4b_core.config import TextConfig
 from r4b_weights.export import save_hf_checkpoint
 
+from conftest import randomize_
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -23,15 +25,6 @@ def small_text_config(**overrides) -> TextConfig:
                   rope_theta=10000.0)
     kwargs.update(overrides)
     return TextConfig(**kwargs)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random values for every parameter, norm weights included (so that 'all ones' can't pass)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            p.copy_(1.0 + 0.3 * noise if name.endswith("norm.weight") else 0.15 * noise)
 
 
 def random_model(seed: int = 0, **overrides) -> Qwen3ForCausalLM:

@@ -153,6 +153,14 @@ def _check_shared_model_untouched(model: torch.nn.Module, state: dict[str, torch
         )
 
 
+@pytest.fixture(autouse=True)
+def _threads_ignore_the_machine_s_load(monkeypatch):
+    """r4b commands run in-process take the physical cores whatever the load of this (shared) machine:
+    r4b_core/threads.py would take fewer and print a note, and tests compare stderr line by line
+    (tests/test_hardening_threads.py injects loads)."""
+    monkeypatch.setattr("r4b_core.threads.cpu_load", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The plain tiny synthetic checkpoint (preset "tiny", seed ``TINY_SEED``), written once per session.
@@ -250,3 +258,12 @@ class Collector:
     def finish(self):
         """The last event recorded (the finish, once ``done`` is set)."""
         return list(self.events.queue)[-1]
+
+
+@pytest.fixture
+def never_loaded(monkeypatch):
+    """Loading the weights fails the test: what is checked there must be checked before."""
+    def load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the bad input was found")
+
+    monkeypatch.setattr(R4BForConditionalGeneration, "from_pretrained", load)
