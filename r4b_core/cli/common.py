@@ -6,7 +6,8 @@
     --dtype {auto,float32,bfloat16,float16}
                              the compute dtype (default float32); auto: the dtype in the checkpoint's
                              config.json
-    --threads N              torch CPU threads (default: $OMP_NUM_THREADS, else the physical cores)
+    --threads N              torch CPU threads (default: $OMP_NUM_THREADS, else the physical cores, fewer
+                             while other processes keep the CPUs busy: r4b_core/threads.py)
 
 Each command module adds its own options next to these and reads them through the helpers below,
 so one flag means one thing in every command.
@@ -54,7 +55,7 @@ def common_options() -> argparse.ArgumentParser:
                             "--preset r4b, else float32)")
     group.add_argument("--threads", type=positive_int, metavar="N",
                        help="torch CPU threads (default: $OMP_NUM_THREADS if set, else the physical cores this "
-                            "process may use)")
+                            "process may use, fewer while other processes keep the CPUs busy)")
     return parent
 
 
@@ -62,7 +63,9 @@ def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's thread count from ``--threads`` / OMP_NUM_THREADS / the physical cores (r4b_core/threads.py)."""
     from r4b_core.threads import configure_threads
 
-    configure_threads(getattr(args, "threads", None))
+    choice = configure_threads(getattr(args, "threads", None))
+    if choice.note is not None:  # fewer threads than cores because other processes keep the CPUs busy
+        progress_to_stderr(choice.note)
 
 
 def _int_at_least(text: str, minimum: int) -> int:
