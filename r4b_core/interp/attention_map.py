@@ -32,6 +32,7 @@ from r4b_core.generation.generate import generate
 from r4b_core.models.hooks import hooks
 from r4b_core.interp.image_regions import ImageTokenMap, heat_on_picture, image_token_map, token_boxes
 from r4b_core.interp.indices import check_layers
+from r4b_weights.output_dir import give_usual_mode
 
 PATTERN_HOOK = "language_model.model.layers.{}.self_attn.hook_pattern"  # [B, H, T, T] softmax probabilities
 
@@ -198,6 +199,7 @@ def save_png(image: Image.Image, path: str | Path, force: bool = False) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        give_usual_mode(tmp)  # mkstemp made it 0600: the PNG gets the mode the umask gives any new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r4b_core.models.hooks import canonical_name
+from r4b_weights.output_dir import give_usual_mode
 
 DEFAULT_TARGETS = (r"language_model\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",)
 ADAPTER_FORMAT = "r4b-lora-1"
@@ -172,6 +173,7 @@ def save_lora(model: nn.Module, path: str | Path) -> Path:
     partial = path.with_name(f".{path.name}.partial")  # written whole, then renamed: a crash keeps the old file
     try:
         save_file(tensors, str(partial), metadata=metadata)
+        give_usual_mode(partial)  # safetensors writes 0600: the adapter gets the mode the umask gives new files
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
