@@ -5,8 +5,8 @@
 
 turns: a chat about one picture over two turns. Turn 1 sends a new generated picture and a question;
 turn 2 sends the same picture, the question, turn 1's answer and a follow-up. The time to first token
-(TTFT) of both turns is measured on a server with the prefix cache (the default) and, started after it,
-on one with ``--no-prefix-caching``; each round uses a new picture. The figure is turn 2's TTFT over
+(TTFT) of both turns is measured on a server with the prefix cache (the default) and on one with
+``--no-prefix-caching``, both running, the rounds alternating between them; each turn 1 shows a new picture. The figure is turn 2's TTFT over
 turn 1's (median over rounds) for each server.
 
 stall: ``--streams`` clients stream long answers; once each has streamed a few tokens, one more client
@@ -174,17 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or str(cached_synthetic_checkpoint(args.preset))
     common = ("--threads", str(args.threads))
     report: dict = {"scenario": args.scenario, "model": model_dir}
-    if args.scenario == "turns":
-        for name, extra in (("prefix_cache", ()), ("no_prefix_cache", ("--no-prefix-caching",))):
-            print(f"{name}: starting r4b serve ...", file=sys.stderr, flush=True)
-            server = StartedServer(model_dir, 8, None, "/tmp/r4b-scenario-server.log", extra=common + extra)
-            try:
-                rounds = turns_on(server, args.rounds, seed_base=0 if name == "prefix_cache" else 1000)
-            finally:
+    if args.scenario == "turns":  # both servers up at once, the rounds alternating between them
+        names = {"prefix_cache": (), "no_prefix_cache": ("--no-prefix-caching",)}
+        servers = {}
+        try:
+            for name, extra in names.items():
+                print(f"{name}: starting r4b serve ...", file=sys.stderr, flush=True)
+                servers[name] = StartedServer(model_dir, 8, None, f"/tmp/r4b-scenario-{name}.log", extra=common + extra)
+            rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+            for i in range(args.rounds):
+                for k, name in enumerate(names):
+                    print(f"{name}:", file=sys.stderr, end="")
+                    rounds[name] += turns_on(servers[name], 1, seed_base=2 * i + k)
+        finally:
+            for server in servers.values():
                 server.stop()
-            report[name] = {"turn1_ttft_s": [round(a, 3) for a, _ in rounds],
-                            "turn2_ttft_s": [round(b, 3) for _, b in rounds],
-                            "turn2_over_turn1": round(statistics.median(b / a for a, b in rounds), 3)}
+        for name, pairs in rounds.items():
+            report[name] = {"turn1_ttft_s": [round(a, 3) for a, _ in pairs],
+                            "turn2_ttft_s": [round(b, 3) for _, b in pairs],
+                            "turn2_over_turn1": round(statistics.median(b / a for a, b in pairs), 3)}
     else:
         prompt = long_prompt(model_dir, args.long_prompt_tokens)
         budget = str(args.long_prompt_tokens + 64)
