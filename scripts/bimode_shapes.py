@@ -7,9 +7,11 @@ Everything is a deterministic function of ``(seed, index)``. ``annealing_convers
 annealing (SFT) example: the chat-template mode it is rendered in and the assistant turn, following R-4B's
 recipe (arXiv 2508.21113) of training ONE model on thinking and non-thinking answers:
 
-    auto mode   the model chooses: the curated choice is thinking for "count", none for "colour", with a
-                ``mislabel`` share of the other one (a heuristic curation is never perfect; BPO has to
-                fix the rest)
+    auto mode   the model chooses; the curated examples think on a ``think_share`` of each kind's
+                questions (AUTO_THINK_SHARE: 40 % of "count", 10 % of "colour"), a curation that
+                under-thinks, so that after annealing greedy auto mode answers directly on both kinds:
+                the "thinking atrophy" R-4B's BPO is there to fix (it must learn from the forced-mode
+                rollouts that thinking pays on "count")
     long mode   forced thinking:     "<think>\\n3 shapes. 3 x 3 = 9\\n</think>\\n\\n9"
     short mode  forced non-thinking: "<think>\\n\\n</think>\\n\\n9"
 
@@ -26,6 +28,7 @@ from shapes_data import COLOURS, SHAPES  # scripts/shapes_data.py, next to this 
 KINDS = ("colour", "count")
 QUESTIONS = {"colour": "What colour are the shapes?", "count": "How many shapes are there, times three?"}
 MAX_SHAPES = 4
+AUTO_THINK_SHARE = {"colour": 0.1, "count": 0.4}  # share of auto-mode annealing examples that think, by kind
 
 
 def draw_shapes(colour: str, count: int, size: int, rng: np.random.Generator) -> Image.Image:
@@ -75,12 +78,14 @@ def answer_text(item: dict, think: bool) -> str:
     return f"<think>\n\n</think>\n\n{item['gold']}"
 
 
-def annealing_conversation(item: dict, mislabel: float = 0.2) -> tuple[str, list[dict]]:
+def annealing_conversation(item: dict, think_share: dict[str, float] | None = None) -> tuple[str, list[dict]]:
     """(thinking mode to render it in, messages) of one annealing example: half auto-mode examples with the
-    curated choice, a quarter each forced long / short (module docstring)."""
+    curated choice (thinking on a ``think_share[kind]`` of them, default AUTO_THINK_SHARE), a quarter each
+    forced long / short (module docstring)."""
+    share = AUTO_THINK_SHARE if think_share is None else think_share
     if item["mode_draw"] < 0.5:
         mode = "auto"
-        think = (item["kind"] == "count") != (item["label_draw"] < mislabel)
+        think = item["label_draw"] < share[item["kind"]]
     elif item["mode_draw"] < 0.75:
         mode, think = "long", True
     else:

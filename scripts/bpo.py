@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bimode_shapes, shapes_data
 
-from bimode_shapes import KINDS, annealing_conversation, task_item, user_turn  # noqa: E402
+from bimode_shapes import AUTO_THINK_SHARE, KINDS, annealing_conversation, task_item, user_turn  # noqa: E402
 
 from r4b_core.generation.generate import GenerationStream, prepare_generation  # noqa: E402
 from r4b_core.generation_config import SamplingParams  # noqa: E402
@@ -52,7 +52,8 @@ from r4b_core.training.step_log import open_step_log  # noqa: E402
 
 EVAL_OFFSET = 10**9  # held-out items come from indices the training streams never reach
 BPO_OFFSET = 10**6  # BPO questions are drawn apart from the annealing examples
-MUST_MATCH = ("preset", "seed", "image_size", "anneal_steps", "anneal_batch", "anneal_lr", "bpo_steps",
+MUST_MATCH = ("preset", "tokenizer", "seed", "image_size", "anneal_steps", "anneal_batch", "anneal_lr",
+              "auto_think_count", "auto_think_colour", "bpo_steps",
               "prompts_per_step", "group_size", "lr", "full", "lora_rank", "beta", "updates", "max_new_tokens",
               "temperature", "aggregation", "advantage_scale", "micro_batch")
 
@@ -61,26 +62,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="start from this checkpoint (default: a synthetic --preset one)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--tokenizer", default="qwen", choices=["qwen", "small"],
+                   help="the synthetic checkpoint's tokenizer (default qwen: the real vocabulary, where the token "
+                        "after <think> is the mode decision; see docs/training.md)")
     p.add_argument("--out", default="runs/bpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=56)
     p.add_argument("--anneal-steps", type=int, default=300)
     p.add_argument("--anneal-batch", type=int, default=8)
     p.add_argument("--anneal-lr", type=float, default=2e-3)
-    p.add_argument("--bpo-steps", type=int, default=40)
+    p.add_argument("--auto-think-count", type=float, default=AUTO_THINK_SHARE["count"],
+                   help="share of the auto-mode annealing examples that think, on count questions")
+    p.add_argument("--auto-think-colour", type=float, default=AUTO_THINK_SHARE["colour"],
+                   help="the same on colour questions")
+    p.add_argument("--bpo-steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--group-size", type=int, default=4, help="G: answers per question in each mode")
-    p.add_argument("--lr", type=float, default=None, help="BPO learning rate (default 5e-3 LoRA, 2e-4 --full)")
+    p.add_argument("--lr", type=float, default=None, help="BPO learning rate (default 1e-3 LoRA, 2e-4 --full)")
     p.add_argument("--full", action="store_true", help="BPO on all weights (reference: a frozen copy)")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference)")
+    p.add_argument("--beta", type=float, default=0.02, help="KL coefficient (0: no reference)")
     p.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--aggregation", default="sequence", choices=["sequence", "token", "constant"])
     p.add_argument("--advantage-scale", default="std", choices=["std", "none"])
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-prompts", type=int, default=128)
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-plot", action="store_true")
@@ -96,7 +104,7 @@ def source_checkpoint(args) -> str:
         return args.checkpoint
     from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
-    return str(cached_synthetic_checkpoint(args.preset, seed=0))
+    return str(cached_synthetic_checkpoint(args.preset, seed=0, tokenizer=args.tokenizer))
 
 
 def rollout_prompt(item: dict) -> RolloutPrompt:
@@ -114,7 +122,8 @@ def annealing_batch(processor, args, first: int) -> dict:
     prompt_rows, response_rows, images = [], [], []
     for i in range(first, first + args.anneal_batch):
         item = task_item(i, args.seed, args.image_size)
-        mode, messages = annealing_conversation(item)
+        mode, messages = annealing_conversation(item, {"count": args.auto_think_count,
+                                                       "colour": args.auto_think_colour})
         inputs = processor(messages=messages[:1], images=[item["image"]], thinking_mode=mode)
         forced = {"auto": "", "long": "<think>\n", "short": "<think>\n\n</think>\n\n"}[mode]
         content = messages[1]["content"]
@@ -228,7 +237,7 @@ def prepare_policy(args, annealed: Path):
         torch.manual_seed(args.seed)  # the adapters' init (overwritten on resume anyway)
         apply_lora(model, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
         reference = REFERENCE_ADAPTERS_OFF if args.beta > 0 else None
-    lr = args.lr if args.lr is not None else (2e-4 if args.full else 5e-3)
+    lr = args.lr if args.lr is not None else (2e-4 if args.full else 1e-3)
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=lr, betas=(0.9, 0.99))
     updates = args.bpo_steps * args.updates
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, updates // 10)))
@@ -321,6 +330,18 @@ def plot(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def warn_if_long_is_not_forced(processor, args) -> None:
+    """Forced thinking is only forced when the long-mode prefix is not the start of the short-mode one: with
+    a tokenizer that splits "\\n\\n" into two "\\n" (the small synthetic one), "<think>\\n" can still go on
+    "\\n</think>", so long-mode answers may skip the thought (docs/training.md)."""
+    prompt = rollout_prompt(task_item(0, args.seed, args.image_size))
+    long_prefix = mode_prompt_ids(processor, prompt, "long")[1]
+    short_prefix = mode_prompt_ids(processor, prompt, "short")[1]
+    if short_prefix[:len(long_prefix)] == long_prefix:
+        say(f"warning: with this tokenizer the long-mode prefix {long_prefix} starts the short-mode one "
+            f"{short_prefix}: forced thinking can still answer without a thought (use --tokenizer qwen)")
+
+
 def main(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,6 +361,7 @@ def main(args) -> dict:
     torch.manual_seed(args.seed)
     source = source_checkpoint(args)
     processor = R4BProcessor.from_pretrained(source)
+    warn_if_long_is_not_forced(processor, args)
     held_out = [task_item(EVAL_OFFSET + i, args.seed, args.image_size) for i in range(args.eval_prompts)]
     if not args.resume:
         from r4b_weights.export import save_hf_checkpoint

@@ -249,15 +249,16 @@ def synthetic_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r4b"
 
 
-def cached_synthetic_checkpoint(preset_name: str = "tiny", seed: int = 0) -> Path:
+def cached_synthetic_checkpoint(preset_name: str = "tiny", seed: int = 0, tokenizer: str = "small") -> Path:
     """The synthetic checkpoint of a preset in the r4b cache, written on first use, atomically: it appears
     complete (with its manifest) or not at all; when two processes race, the first rename wins and the
-    other uses it."""
-    target = synthetic_cache_root() / f"synthetic-{preset_name}-seed{seed}-v{SYNTHETIC_FORMAT}"
+    other uses it. ``tokenizer``: as in ``make_synthetic_checkpoint`` ("qwen" is cached under its own name)."""
+    flavour = "" if tokenizer == "small" else f"-{tokenizer}"
+    target = synthetic_cache_root() / f"synthetic-{preset_name}{flavour}-seed{seed}-v{SYNTHETIC_FORMAT}"
     if (target / MANIFEST_NAME).is_file():
         return target
     try:
-        return make_synthetic_checkpoint(target, preset_name, seed=seed)
+        return make_synthetic_checkpoint(target, preset_name, seed=seed, tokenizer=tokenizer)
     except FileExistsError:
         if (target / MANIFEST_NAME).is_file():  # a concurrent writer finished first
             return target
