@@ -1,9 +1,10 @@
-"""Check the Triton decode-attention kernels (contiguous and paged) against the PyTorch references and time them.
+"""Check the Triton decode-attention kernel (r4b_kernels/split_kv.py) on both cache layouts against the PyTorch
+reference and time it.
 
 On a GPU: R-4B's decoder shape (32 query / 8 KV heads, head_dim 128) and the SigLIP head_dim (72) in
-bf16/fp16/fp32, ragged batches, lengths up to 32k; the paged kernel (``paged_*`` cases) on the same
-values scattered into a pool of 16-token blocks in random order, with a shared prefix. Then timings at
-contexts 1k, 4k, 8k and 32k: the contiguous kernel, the paged kernel (random block table), the paged
+bf16/fp16/fp32, ragged batches, lengths up to 32k; the paged layout (``paged_*`` cases: ``block_table=``) on
+the same values scattered into a pool of 16-token blocks in random order, with a shared prefix. Then timings
+at contexts 1k, 4k, 8k and 32k: the kernel on a contiguous cache, on the paged one (random block table), the paged
 SDPA fallback (gather + SDPA), SDPA (flash and memory-efficient backends, where they accept the shape)
 and the K/V-bytes roofline (K and V bytes read / the device's measured copy bandwidth).
 

@@ -288,7 +288,7 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path):
             shared, ptx = build(split_kv._split_kernel, types, const, arch, list(types)[:8] + strides)
             assert shared <= 99 * 1024, (dt, shared)
             assert ("mma.sync" in ptx) == (dt == "bf16"), dt  # tensor cores for bf16, exact FMA for fp32
-            # the paged kernel (16-token blocks): the same tiles, so the same shared memory, dots and
+            # PAGED=True (16-token blocks): the same tiles, so the same shared memory, dots and
             # 16-byte cp.async copies of K/V rows despite the per-token block lookup
             paged_const = {k: v for k, v in const.items() if k != "stride_tb"}
             paged_const.update(stride_tm=1, PAGED=True, PAGE=16)

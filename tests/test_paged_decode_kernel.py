@@ -1,5 +1,6 @@
-"""The paged Triton decode kernel (K/V read through a block table), run by the Triton interpreter on the CPU,
-against the PyTorch reference (gather then attend), and the paged op's dispatch and SDPA path.
+"""The Triton decode kernel on the paged layout (K/V read through a block table), run by the Triton
+interpreter on the CPU, against the PyTorch reference (gather then attend), and the paged op's dispatch and
+SDPA path.
 
 Every pool starts as NaN and only the slots some sequence holds get values, so a kernel that reads a slot
 past a length, an unused table entry, or the wrong block fails; the output and split workspace are
@@ -104,7 +105,7 @@ def test_paged_kernel_matches_reference(case):
 
 
 def test_paged_equals_contiguous_kernel():
-    """Same values, same tiles and splits: the paged kernel gives the contiguous kernel's result to the bit."""
+    """Same values, same tiles and splits: the kernel through a block table gives its contiguous result to the bit."""
     q, k_pool, v_pool, table, lens = make_paged_inputs(3, 2, 4, 16, 64, [70, 1, 48], torch.float32, seed=21)
     k = gather_paged_kv(k_pool, table, 80).contiguous()  # [B, Hkv, 80, D]
     v = gather_paged_kv(v_pool, table, 80).contiguous()
