@@ -27,7 +27,7 @@ def _run_bench(argv: list[str], capsys) -> dict:
 def test_tiny_bench_json_has_every_headline_figure(tiny_checkpoint, capsys):
     threads = torch.get_num_threads()
     try:
-        result = _run_bench(["--model", str(tiny_checkpoint), "--max-new-tokens", "4", "--repeats", "1",
+        result = _run_bench(["--model", str(tiny_checkpoint), "--full", "--max-new-tokens", "4", "--repeats", "1",
                              "--max-repeats", "1", "--no-compile", "--load-repeats", "1", "--prompt-tokens", "16"],
                             capsys)
     finally:
@@ -69,6 +69,16 @@ def test_bench_refuses_bad_lists_on_the_command_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--preset", "tiny", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_defaults_are_the_short_run_and_full_the_sweep():
+    from r4b_core.cli.bench import sweep_settings
+    from r4b_core.cli.main import build_parser
+
+    parse = build_parser().parse_args
+    assert sweep_settings(parse(["bench"])) == (("float32", "float32-plain"), (1, 8), 5, 1)
+    assert sweep_settings(parse(["bench", "--full"])) == (("float32", "float32-plain", "bfloat16", "int8"), (1, 4, 8), 9, 2)
+    assert sweep_settings(parse(["bench", "--full", "--variants", "int8", "--max-repeats", "3"]))[::2] == (("int8",), 3)
 
 
 def test_bench_needs_two_new_tokens_to_time_a_step(capsys):

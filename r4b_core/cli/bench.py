@@ -24,7 +24,11 @@ from r4b_core.cli.common import (
 PRESETS = ["tiny", "small", "r4b"]
 DEFAULT_PRESET = "small"
 VARIANT_CHOICES = ("float32", "float32-plain", "bfloat16", "bfloat16-plain", "float16", "int8")  # bench.VARIANTS
-DEFAULT_VARIANTS = ("float32", "float32-plain", "bfloat16", "int8")
+DEFAULT_VARIANTS = ("float32", "float32-plain")  # the default run fits 5 minutes on a 2-core CPU
+FULL_VARIANTS = ("float32", "float32-plain", "bfloat16", "int8")  # --full
+DEFAULT_BATCH_SIZES, FULL_BATCH_SIZES = (1, 8), (1, 4, 8)
+DEFAULT_MAX_REPEATS, FULL_MAX_REPEATS = 5, 9
+DEFAULT_LOAD_REPEATS, FULL_LOAD_REPEATS = 1, 2
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -63,20 +67,26 @@ def add_parser(subparsers: argparse._SubParsersAction,
     add_quantize(b)
     b.add_argument("--repeats", type=positive_int, default=3, metavar="N",
                    help="timed rounds at least, after the warm-up (default 3)")
-    b.add_argument("--max-repeats", type=positive_int, default=9, metavar="N",
+    b.add_argument("--full", action="store_true",
+                   help="the full sweep: variants " + ",".join(FULL_VARIANTS) + ", batch sizes "
+                        + ",".join(map(str, FULL_BATCH_SIZES)) + f", up to {FULL_MAX_REPEATS} rounds, "
+                        f"{FULL_LOAD_REPEATS} loads per side (flags given explicitly still win)")
+    b.add_argument("--max-repeats", type=positive_int, default=None, metavar="N",
                    help="timed rounds at most: rounds go on while a figure's per-round spread is above "
-                        "--max-spread (default 9)")
+                        f"--max-spread (default {DEFAULT_MAX_REPEATS}; --full {FULL_MAX_REPEATS})")
     b.add_argument("--max-spread", type=finite_float, default=0.10, metavar="FRACTION",
                    help="(max - min) / median of the per-round figures that ends the rounds (default 0.10)")
-    b.add_argument("--variants", type=_name_list, default=DEFAULT_VARIANTS, metavar="LIST",
+    b.add_argument("--variants", type=_name_list, default=None, metavar="LIST",
                    help="batch-1 decode variants, comma-separated from " + ", ".join(VARIANT_CHOICES) + ": a dtype "
                         "alone is what --quantize auto runs (oneDNN-prepacked weights on a CPU), -plain the weights "
                         "as loaded (--quantize none), int8 is bfloat16 with --quantize int8 (default "
-                        + ",".join(DEFAULT_VARIANTS) + ")"),
-    b.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 8), metavar="LIST",
-                   help="batch sizes of the r4b vs transformers decode comparison (default 1,4,8)")
-    b.add_argument("--load-repeats", type=positive_int, default=2, metavar="N",
-                   help="fresh-process loads per side (default 2)")
+                        + ",".join(DEFAULT_VARIANTS) + "; --full " + ",".join(FULL_VARIANTS) + ")"),
+    b.add_argument("--batch-sizes", type=_int_list, default=None, metavar="LIST",
+                   help="batch sizes of the r4b vs transformers decode comparison (default "
+                        + ",".join(map(str, DEFAULT_BATCH_SIZES)) + "; --full " + ",".join(map(str, FULL_BATCH_SIZES))
+                        + ")")
+    b.add_argument("--load-repeats", type=positive_int, default=None, metavar="N",
+                   help=f"fresh-process loads per side (default {DEFAULT_LOAD_REPEATS}; --full {FULL_LOAD_REPEATS})")
     b.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers reference")
     b.add_argument("--no-prefill", action="store_true", help="skip the prefill and vision timings")
@@ -85,6 +95,15 @@ def add_parser(subparsers: argparse._SubParsersAction,
                         "on first use)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return b
+
+
+def sweep_settings(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[int, ...], int, int]:
+    """(variants, batch sizes, max repeats, load repeats): the flags given, else the default run's or --full's."""
+    full = args.full
+    return (args.variants or (FULL_VARIANTS if full else DEFAULT_VARIANTS),
+            args.batch_sizes or (FULL_BATCH_SIZES if full else DEFAULT_BATCH_SIZES),
+            args.max_repeats or (FULL_MAX_REPEATS if full else DEFAULT_MAX_REPEATS),
+            args.load_repeats or (FULL_LOAD_REPEATS if full else DEFAULT_LOAD_REPEATS))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,15 +119,16 @@ def run(args: argparse.Namespace) -> int:
                          "it needs at least 2.")
     if not 0 < args.max_spread:
         raise UsageError(f"--max-spread must be above 0, got {args.max_spread}.")
+    variants, batch_sizes, max_repeats, load_repeats = sweep_settings(args)
     device = torch_device(args.device)
     directory = resolve_checkpoint(args.model, args.revision) if args.model is not None else None
     options = BenchOptions(
         preset=args.preset or DEFAULT_PRESET, model_dir=None if directory is None else str(directory),
         dtype=compute_dtype(args.dtype, directory), quantize=args.quantize, device=str(device),
         prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-        max_repeats=args.max_repeats, max_spread=args.max_spread, variants=args.variants,
-        batch_sizes=args.batch_sizes, compile=not args.no_compile, transformers=not args.no_transformers,
-        prefill=not args.no_prefill, load=not args.no_load, load_repeats=args.load_repeats)
+        max_repeats=max_repeats, max_spread=args.max_spread, variants=variants,
+        batch_sizes=batch_sizes, compile=not args.no_compile, transformers=not args.no_transformers,
+        prefill=not args.no_prefill, load=not args.no_load, load_repeats=load_repeats)
     result = run_bench(options, progress=progress_to_stderr)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
