@@ -192,6 +192,18 @@ def test_fast_linears_prepacks_float32_and_keeps_the_state_dict(tiny_model):
 
 
 @needs_onednn
+def test_a_server_batch_rows_hint_reaches_every_prepacked_linear_and_keeps_the_values(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    assert fast_linears(model, "auto", rows_hint=8) == "prepacked"
+    hints = {m.rows_hint for m in model.modules() if isinstance(m, PrepackedLinear)}
+    assert hints == {8}
+    ids = torch.randint(0, 1000, (8, 1), generator=torch.Generator().manual_seed(6))  # one decode step, 8 rows
+    with torch.no_grad():
+        plain, packed = tiny_model(ids).logits, model(ids).logits
+    assert (packed - plain).abs().max() <= 1e-4 * plain.abs().max()
+
+
+@needs_onednn
 def test_fast_linears_choices(tiny_model):
     assert fast_linears(copy.deepcopy(tiny_model), "none") == "none"
     assert fast_linears(copy.deepcopy(tiny_model), "auto", compile=True) == "none"  # packed weights cannot compile

@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
                          "max_position_embeddings).")
     processor = setup.load_processor()  # the server's one image limit: --max-image-pixels, else the default
     model = setup.load_model()
-    fast_linears(model, args.quantize, compile=args.compile)  # --quantize: prepacked (CPU) / as loaded / int8
+    # --quantize: prepacked (CPU; its layout tuned for --max-batch-size rows) / as loaded / int8
+    fast_linears(model, args.quantize, compile=args.compile, rows_hint=args.max_batch_size)
     generation_config = processor.generation_config
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else processor.pad_token_id
     try:
