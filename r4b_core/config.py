@@ -381,6 +381,12 @@ def text_config_from_dict(d: dict, source: str = "config.json") -> TextConfig:
         if not isinstance(d["text_config"], dict):
             raise ConfigError(f"{source}: key 'text_config' should be a dict.")
         return TextConfig.from_hf_dict(d["text_config"], source, "text_config")
+    kind = d.get("model_type")
+    if kind is not None and kind != "qwen3":  # say what the checkpoint is, not which of its keys differs
+        architectures = d.get("architectures")
+        named = f" (architectures {', '.join(map(str, architectures))})" if isinstance(architectures, list) else ""
+        raise ConfigError(f"{source}: model_type {kind!r}{named} is not an R-4B or Qwen3 checkpoint; r4b reads R-4B "
+                          "checkpoints (text_config + vision_config) and Qwen3 ones (model_type 'qwen3').")
     return TextConfig.from_hf_dict(d, source)
 
 

@@ -46,7 +46,8 @@ def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) ->
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json.")
     text = str(path_or_repo)
     if not _looks_like_repo_id(text):
-        raise FileNotFoundError(f"{text}: no such checkpoint directory (and not a hub id of the form 'owner/name').")
+        shown = repr(text) if text != text.strip() else text  # a stray space is visible when quoted
+        raise FileNotFoundError(f"{shown}: no such checkpoint directory (and not a hub id of the form 'owner/name').")
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (

@@ -281,6 +281,23 @@ class PreparedGeneration:
     sampling: SamplingParams
 
 
+def check_input_names(model: torch.nn.Module, inputs: Mapping[str, Any]) -> None:
+    """The extra keywords of ``generate`` are inputs of the model's forward: any other name is a TypeError
+    here, before any work, naming it (a sampling setting such as ``temperature=`` says it goes in
+    ``sampling=SamplingParams(...)``), instead of one from inside ``forward``."""
+    import dataclasses
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return  # a forward that takes any keyword: it says for itself what it does not know
+    sampling_names = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = [name for name in inputs if name in sampling_names and name not in parameters]
+    if unknown:
+        raise TypeError(f"generate() got {', '.join(f'{n}=' for n in unknown)}: sampling settings go in "
+                        f"sampling=SamplingParams({', '.join(f'{n}=...' for n in unknown)}).")
+
+
 def prepare_generation(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -301,6 +318,7 @@ def prepare_generation(
     (``generation_config.json``: a non-empty ``eos_token_id``, a ``pad_token_id``, ``sampling()``),
     else the default (the tokenizer's ids at the chat level; none / 0 / greedy at the token level).
     """
+    check_input_names(model, inputs or {})
     parameter = next(model.parameters())
     prepared = dict(inputs or {})
     if prepared.get("attention_mask") is not None:

@@ -183,8 +183,11 @@ def load_image(x: Any, max_pixels: int | None = _PIL_LIMIT, name: str | None = N
         max_pixels = Image.MAX_IMAGE_PIXELS
     if isinstance(x, (str, Path)):
         path = Path(x)
+        shown = repr(str(x)) if str(x) != str(x).strip() else str(path)  # a stray space is visible when quoted
+        if path.is_dir():
+            raise IsADirectoryError(f"{shown}: is a directory, not an image file; give the path of one image file.")
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such image file.")
+            raise FileNotFoundError(f"{shown}: no such image file.")
         return _decode(lambda: Image.open(path), name or str(path), max_pixels)
     if isinstance(x, (bytes, bytearray, memoryview)):
         return _decode(lambda: Image.open(io.BytesIO(bytes(x))), name or "the image data", max_pixels)
