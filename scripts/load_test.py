@@ -13,7 +13,8 @@ soak: ``--requests`` requests with random prompt lengths (``--min/--max-prompt-w
 output lengths (1..``--max-tokens``), half of them streamed, at ``--concurrency``; it reports how
 many completed, failed (an HTTP error or a broken connection) or were lost (a 200 whose answer
 never finished: no ``[DONE]`` / finish_reason), the engine's counters, and the server's resident
-memory (RSS) after a warm-up and after the run (sampled every half second in between).
+memory (RSS) after a warm-up of ``--warmup-requests`` random requests and after the run (sampled every
+half second in between).
 
 Without ``--url`` the script starts ``r4b serve`` itself on a free loopback port, on the synthetic
 checkpoint of ``--preset`` (default small: ``r4b make-synthetic --preset small``, cached in the r4b
@@ -290,7 +291,10 @@ def soak(args, url: str, model: str, deadline: float, pid: int | None) -> dict:
     jobs = [dict(prompt=" ".join(rng.choice(WORDS) for _ in range(rng.randint(args.min_prompt_words,
                                                                               args.max_prompt_words))),
                  max_tokens=rng.randint(1, args.max_tokens), stream=rng.random() < 0.5, ignore_eos=rng.random() < 0.5)
-            for _ in range(args.requests)]
+            for _ in range(args.requests + args.warmup_requests)]
+    warmup, jobs = jobs[:args.warmup_requests], jobs[args.warmup_requests:]
+    if warmup:  # the server's allocator grows to the largest shapes here, not during the measured run
+        run_batch(url, model, warmup, args.concurrency[-1], deadline, args.timeout)
     samples: list[float] = []
     stop = threading.Event()
 
@@ -331,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-words", type=int, default=300, help="soak: longest prompt (default 300)")
     p.add_argument("--max-tokens", type=int, default=48, help="sweep: tokens per request; soak: the most (default 48)")
     p.add_argument("--seed", type=int, default=0, help="soak: random seed (default 0)")
+    p.add_argument("--warmup-requests", type=int, default=16,
+                   help="soak: random requests before the 'before' memory reading (default 16)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (default 300)")
     p.add_argument("--max-duration", type=float, default=1800.0,
                    help="stop starting requests after this many seconds (default 1800)")
