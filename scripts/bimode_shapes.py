@@ -1,7 +1,8 @@
 """The bi-mode demo task of scripts/bpo.py: pictures of 1-4 shapes of one colour, two kinds of question.
 
     "colour": "What colour are the shapes?"                  -> "red"   (answerable at a glance)
-    "count":  "How many shapes are there, times three?"      -> "9"     (count, then multiply: a few steps)
+    "count":  "How many shapes are there, times 5?"          -> "15"    (count, then multiply: a few steps;
+                                                                         the factor, 2-6, is in the question)
 
 Everything is a deterministic function of ``(seed, index)``. ``annealing_conversation`` is one bi-mode
 annealing (SFT) example: the chat-template mode it is rendered in and the assistant turn, following R-4B's
@@ -12,8 +13,8 @@ recipe (arXiv 2508.21113) of training ONE model on thinking and non-thinking ans
                 under-thinks, so that after annealing greedy auto mode answers directly on both kinds:
                 the "thinking atrophy" R-4B's BPO is there to fix (it must learn from the forced-mode
                 rollouts that thinking pays on "count")
-    long mode   forced thinking:     "<think>\\n3 shapes. 3 x 3 = 9\\n</think>\\n\\n9"
-    short mode  forced non-thinking: "<think>\\n\\n</think>\\n\\n9"
+    long mode   forced thinking:     "<think>\\n3 shapes. 3 x 5 = 15\\n</think>\\n\\n15"
+    short mode  forced non-thinking: "<think>\\n\\n</think>\\n\\n15"
 
 so both forced modes answer both kinds of question in their format after annealing.
 """
@@ -26,8 +27,9 @@ from PIL import Image, ImageDraw
 from shapes_data import COLOURS, SHAPES  # scripts/shapes_data.py, next to this file
 
 KINDS = ("colour", "count")
-QUESTIONS = {"colour": "What colour are the shapes?", "count": "How many shapes are there, times three?"}
+QUESTIONS = {"colour": "What colour are the shapes?", "count": "How many shapes are there, times {factor}?"}
 MAX_SHAPES = 4
+FACTORS = (2, 3, 4, 5, 6)  # the count question's multiplier: answered directly, it is a 4 x 5 table on the picture
 AUTO_THINK_SHARE = {"colour": 0.1, "count": 0.4}  # share of auto-mode annealing examples that think, by kind
 
 
@@ -59,11 +61,14 @@ def task_item(index: int, seed: int = 0, size: int = 56) -> dict:
     count = int(rng.integers(1, MAX_SHAPES + 1))
     kind = KINDS[int(rng.integers(len(KINDS)))]
     image = draw_shapes(colour, count, size, rng)
+    factor = FACTORS[int(rng.integers(len(FACTORS)))]
     if kind == "colour":
         gold, answer_type, thought = colour, "text", f"the shapes are {colour}."
     else:
-        gold, answer_type, thought = str(3 * count), "number", f"{count} shapes. {count} x 3 = {3 * count}"
-    return {"image": image, "kind": kind, "question": QUESTIONS[kind], "gold": gold, "answer_type": answer_type,
+        gold, answer_type = str(factor * count), "number"
+        thought = f"{count} shapes. {count} x {factor} = {factor * count}"
+    return {"image": image, "kind": kind, "question": QUESTIONS[kind].format(factor=factor), "gold": gold,
+            "answer_type": answer_type,
             "thought": thought, "mode_draw": float(rng.uniform()), "label_draw": float(rng.uniform())}
 
 

@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=56)
-    p.add_argument("--anneal-steps", type=int, default=300)
+    p.add_argument("--anneal-steps", type=int, default=400)
     p.add_argument("--anneal-batch", type=int, default=8)
     p.add_argument("--anneal-lr", type=float, default=2e-3)
     p.add_argument("--auto-think-count", type=float, default=AUTO_THINK_SHARE["count"],
@@ -319,7 +319,10 @@ def plot(history: list[dict], path: Path) -> None:
               ("KL and clip fraction", ["kl", "clip_fraction"])]
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
-            ax.plot(steps, [h.get(key, float("nan")) for h in history], label=key, marker=".")
+            values = [h.get(key, float("nan")) for h in history]
+            if key.startswith("auto_think/"):  # -1: no question of that kind in the step
+                values = [float("nan") if v < 0 else v for v in values]
+            ax.plot(steps, values, label=key, marker=".")
         ax.set_title(title)
         ax.set_xlabel("BPO step")
         ax.legend()

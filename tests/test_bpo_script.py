@@ -55,10 +55,10 @@ def test_smoke_run(tiny_checkpoint, tmp_path):
 
 def test_annealing_rows_are_the_training_examples_tokens(tiny_checkpoint):
     processor = R4BProcessor.from_pretrained(tiny_checkpoint)
-    args = bpo.parse_args(["--anneal-batch", "6"])
+    args = bpo.parse_args(["--anneal-batch", "7"])  # examples 0-6 hold all three modes
     rows = bpo.annealing_batch(processor, args, first=0)
     modes = set()
-    for i in range(6):
+    for i in range(7):
         item = task_item(i, args.seed, args.image_size)
         mode, messages = annealing_conversation(item)
         modes.add(mode)
