@@ -9,9 +9,9 @@ import httpx
 
 
 class GenerateReference:
-    """``generate()`` in this process on the server's checkpoint, with the server's defaults (``--quantize
-    auto``, the same ``--threads``), fed the server's own prompt ids for the sweep's prompt: its decode
-    tokens/s is what one client of the server should approach."""
+    """``generate()`` in this process on the server's checkpoint as ``r4b generate`` runs it (``--quantize
+    auto`` packed for one row; the server packs for its batch size), with the server's ``--threads``, fed the
+    server's own prompt ids for the sweep's prompt: its decode tokens/s is what one client should approach."""
 
     def __init__(self, model_dir: str, threads: int | None, prompt_ids: list[int]) -> None:
         import torch
