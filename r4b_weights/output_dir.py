@@ -116,7 +116,8 @@ def _staging_dir(target: Path) -> Path:
     return staging
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be running (it exists, or we may not ask): the owner of a temporary name."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,7 +138,7 @@ def remove_stale_staging(target: Path) -> list[Path]:
     prefix = f".{target.name}{STAGING_MARK}"
     for d in target.parent.iterdir():
         pid_text = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
-        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         try:
             if d.is_symlink() or not d.is_dir() or not all(f.is_file() and not f.is_symlink() for f in d.iterdir()):

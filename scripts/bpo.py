@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from r4b_core.training.rewards import Completion, correct_answer, default_reward
 from r4b_core.training.rollouts import RolloutPrompt, left_pad, mode_prompt_ids, right_pad, stack_images, to_model  # noqa: E402
 from r4b_core.training.state import latest_state, load_training_state, read_manifest, save_training_state  # noqa: E402
 from r4b_core.training.step_log import open_step_log  # noqa: E402
+from r4b_weights.atomic_file import replacing  # noqa: E402
 
 EVAL_OFFSET = 10**9  # held-out items come from indices the training streams never reach
 BPO_OFFSET = 10**6  # BPO questions are drawn apart from the annealing examples
@@ -327,10 +327,9 @@ def plot(history: list[dict], path: Path) -> None:
         ax.set_xlabel("BPO step")
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with replacing(path) as tmp:  # atomic; a killed run's temporary is removed by the next (atomic_file.py)
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def warn_if_long_is_not_forced(processor, args) -> None:

@@ -16,31 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from r4b_weights.output_dir import MANIFEST_NAME, give_usual_mode, read_manifest
+from r4b_weights.atomic_file import write_file_atomic
+from r4b_weights.output_dir import MANIFEST_NAME, read_manifest
 
 PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"
 SUMMARY = "summary.json"
 PLOT = "accuracy_vs_tokens.png"
 OWN_FILES = (PREDICTIONS, RUN, SUMMARY, PLOT)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        give_usual_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EvalOutput:
@@ -64,7 +50,7 @@ class EvalOutput:
                                   "--force to write r4b's files beside them (they are never touched).")
         self._check_settings(settings)
         self._record_own(RUN)
-        _write_atomic(self.directory / RUN, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
+        write_file_atomic(self.directory / RUN, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
         self._record_own(PREDICTIONS)
         self.records = self._read_predictions()
         self.done = {(r["id"], r["mode"]) for r in self.records}
@@ -90,7 +76,7 @@ class EvalOutput:
         if name in ours:
             return
         manifest = {"written_by": "r4b", "what": "an r4b eval output", "files": sorted(ours | {name})}
-        _write_atomic(self.directory / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_file_atomic(self.directory / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
 
     def _read_predictions(self) -> list[dict[str, Any]]:
         path = self.directory / PREDICTIONS
@@ -122,13 +108,13 @@ class EvalOutput:
     def write_summary(self, summary: dict[str, Any]) -> Path:
         self._record_own(SUMMARY)
         path = self.directory / SUMMARY
-        _write_atomic(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        write_file_atomic(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
         return path
 
     def write_plot(self, png: bytes) -> Path:
         self._record_own(PLOT)
         path = self.directory / PLOT
-        _write_atomic(path, png)
+        write_file_atomic(path, png)
         return path
 
     def close(self) -> None:

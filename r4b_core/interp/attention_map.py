@@ -18,8 +18,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from r4b_core.generation.generate import generate
 from r4b_core.models.hooks import hooks
 from r4b_core.interp.image_regions import ImageTokenMap, heat_on_picture, image_token_map, token_boxes
 from r4b_core.interp.indices import check_layers
-from r4b_weights.output_dir import give_usual_mode
+from r4b_weights.atomic_file import replacing
 
 PATTERN_HOOK = "language_model.model.layers.{}.self_attn.hook_pattern"  # [B, H, T, T] softmax probabilities
 
@@ -195,13 +193,6 @@ def save_png(image: Image.Image, path: str | Path, force: bool = False) -> Path:
         raise FileExistsError(f"{path} already exists; choose another --out or pass --force to replace it.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such directory for the output file.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        give_usual_mode(tmp)  # mkstemp made it 0600: the PNG gets the mode the umask gives any new file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:  # a killed write's temporary is removed by the next one (atomic_file.py)
+        image.save(tmp, format="PNG")
     return path

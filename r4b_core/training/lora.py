@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r4b_core.models.hooks import canonical_name
-from r4b_weights.output_dir import give_usual_mode
+from r4b_weights.atomic_file import replacing
 
 DEFAULT_TARGETS = (r"language_model\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",)
 ADAPTER_FORMAT = "r4b-lora-1"
@@ -170,13 +169,8 @@ def save_lora(model: nn.Module, path: str | Path) -> Path:
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")  # written whole, then renamed: a crash keeps the old file
-    try:
+    with replacing(path) as partial:  # written whole, then renamed (umask's mode): a crash keeps the old file
         save_file(tensors, str(partial), metadata=metadata)
-        give_usual_mode(partial)  # safetensors writes 0600: the adapter gets the mode the umask gives new files
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 

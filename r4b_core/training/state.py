@@ -101,6 +101,7 @@ from r4b_core.training.state_dir import (
     remove_partial_states,
     verify_state,
 )
+from r4b_weights.atomic_file import replacing
 from r4b_weights.output_dir import give_usual_mode
 
 WEIGHT_CHOICES = ("trainable", "all")
@@ -238,8 +239,8 @@ def _commit(out_dir: Path, partial: Path, final: Path, manifest: dict, keep: int
     if manifest["sharded"]:
         fsync_dir(partial / SHARDED_DIR)  # dcp fsyncs its shard files; their directory entries too
     manifest["files"], manifest["sha256"] = _file_records(partial)
-    write_json(partial / f".{MANIFEST}.tmp", manifest)
-    os.replace(partial / f".{MANIFEST}.tmp", partial / MANIFEST)
+    with replacing(partial / MANIFEST) as tmp:
+        write_json(tmp, manifest)
     fsync_dir(partial)
     if final.exists():  # the same step saved again (a resumed run): replace it
         discard_state(final)

@@ -9,9 +9,10 @@ Shared by scripts/train.py and scripts/bpo.py.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TextIO
+
+from r4b_weights.atomic_file import write_file_atomic
 
 
 def open_step_log(path: str | Path, resumed_step: int) -> TextIO:
@@ -27,7 +28,5 @@ def open_step_log(path: str | Path, resumed_step: int) -> TextIO:
             continue
         if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= resumed_step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_file_atomic(path, "".join(kept).encode())
     return open(path, "a")
