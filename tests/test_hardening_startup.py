@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,3 +250,62 @@ def test_generate_prints_one_load_time_figure(tiny_checkpoint, monkeypatch, caps
     figures = [float(x) for x in re.findall(r"loaded (?:in|.*? tensors in) (\d+\.\d) s", err)]
     assert len(figures) == 2 and figures[0] >= 0.3, err
     assert abs(figures[0] - figures[1]) <= 0.1, err  # the same load (0.1: rounding of two timers)
+
+
+@pytest.mark.slow  # the engine step must outlast uvicorn's graceful timeout (2 s past a 0 s deadline): ~4 s
+def test_requests_cancelled_by_the_shutdown_deadline_are_not_logged_as_clients_going_away(tiny_model, tiny_processor,
+                                                                                           capfd):
+    """A shutdown whose deadline passes while the engine is inside a long step: uvicorn cancels the handlers
+    (its graceful timeout) before the engine's own cancellation arrives. The log line said "a client went
+    away" and uvicorn printed a CancelledError traceback; now one line says the shutdown cancelled it."""
+    from r4b_core.serve.api import ServerConfig, create_app
+    from r4b_core.serve.engine import Engine
+    from r4b_core.serve.server import BackgroundServer
+
+    engine = Engine(tiny_model, max_batch_size=2, max_seq_len=4096, eos_token_ids=tiny_processor.eos_token_ids,
+                    pad_token_id=tiny_processor.pad_token_id)
+    decode, slow, inside = engine._decode, threading.Event(), threading.Event()
+
+    def slow_decode(*args, **kwargs):  # once ``slow`` is set: a step outlasting uvicorn's graceful timeout (2 s)
+        if slow.is_set() and not inside.is_set():
+            inside.set()
+            time.sleep(2.8)
+        return decode(*args, **kwargs)
+
+    engine._decode = slow_decode
+    records = _Records()
+    logger = logging.getLogger("r4b.serve")
+    server = BackgroundServer(create_app(engine, tiny_processor, ServerConfig("r4b-tiny")), engine, deadline_s=0.0)
+    with server:
+        logger.addHandler(records)
+        try:
+            body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
+                               "min_tokens": 3000, "stream": True}).encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                assert s.recv(100).startswith(b"HTTP/1.1 200")  # streaming: generation is running
+                slow.set()
+                assert inside.wait(20)
+                server.server.handle_exit(signal.SIGTERM, None)  # what SIGTERM does in `r4b serve`
+                server.thread.join(20)
+        finally:
+            logger.removeHandler(records)
+    messages = [r.getMessage() for r in records.records]
+    assert messages and not any("went away" in m for m in messages), messages
+    assert any("shut" in m and "--shutdown-timeout" in m for m in messages), messages
+    assert "Traceback" not in capfd.readouterr().err  # uvicorn printed one for the cancelled handler
+
+
+def test_docs_serving_lists_every_serve_flag():
+    """docs/serving.md's flag table names every option of `r4b serve --help` (--ssl-certfile / --ssl-keyfile
+    and 19 others were missing)."""
+    import argparse
+
+    from r4b_core.cli.main import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {f for action in subparsers.choices["serve"]._actions for f in action.option_strings
+             if f.startswith("--") and f != "--help"}
+    doc = (REPO / "docs" / "serving.md").read_text(encoding="utf-8")
+    assert len(flags) > 20 and sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", doc)) == []

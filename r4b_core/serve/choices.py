@@ -89,6 +89,7 @@ class ChoiceRun:
         self.events: asyncio.Queue[tuple[int, EngineEvent]] = asyncio.Queue()
         self.choices: list[Choice] = []
         self.client_gone = False
+        self.engine: Engine | None = None  # set by submit: a cancellation during its shutdown is the shutdown's
 
     def listener(self, index: int):
         """The ``on_event`` of choice ``index``'s engine request (runs on the engine thread)."""
@@ -98,7 +99,7 @@ class ChoiceRun:
 
     def submit(self, engine: Engine, choices: Sequence[Choice]) -> None:
         """Queue every choice's request; a refusal cancels the ones already queued."""
-        self.choices = list(choices)
+        self.choices, self.engine = list(choices), engine
         try:
             for choice in self.choices:
                 engine.submit(choice.request)
@@ -113,13 +114,19 @@ class ChoiceRun:
         for choice in self.choices:
             choice.request.cancel()  # no-op when it finished; frees the slot when we stopped early
 
-    def _client_went_away(self, request: Request) -> None:
-        """Cancel every choice, saying so in one log line (once): a hung-up client is no server error."""
+    def _client_went_away(self, request: Request, task_cancelled: bool = False) -> None:
+        """Cancel every choice, saying so in one log line (once): a hung-up client is no server error.
+        ``task_cancelled``: the handler's task was cancelled; while the server shuts down, that is uvicorn's
+        graceful timeout (--shutdown-timeout + 2 s) passing before the engine's own cancellation arrived."""
         if not self.client_gone and not self.finished:
             self.client_gone = True
             tokens = sum(len(c.tokens) for c in self.choices)
-            log.warning("r4b serve: a client went away during its request (%s %s) after %d generated token(s); "
-                        "cancelled", request.method, request.url.path, tokens)
+            if task_cancelled and self.engine is not None and not self.engine.accepting:
+                log.warning("r4b serve: shutting down: the --shutdown-timeout deadline passed during a request (%s %s) "
+                            "after %d generated token(s); cancelled", request.method, request.url.path, tokens)
+            else:
+                log.warning("r4b serve: a client went away during its request (%s %s) after %d generated token(s); "
+                            "cancelled", request.method, request.url.path, tokens)
         self.cancel()
 
     @property
@@ -156,8 +163,8 @@ class ChoiceRun:
                 choice = self.choices[item[0]]
                 if choice.finish_reason is None:
                     yield choice, choice.step(item[1])
-        except (asyncio.CancelledError, GeneratorExit):  # a stream whose connection closed: its task ends here
-            self._client_went_away(request)
+        except (asyncio.CancelledError, GeneratorExit):  # a stream whose connection closed, or the shutdown
+            self._client_went_away(request, task_cancelled=True)
             raise
 
 

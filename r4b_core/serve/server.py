@@ -4,7 +4,9 @@
 (new requests get 503), uvicorn stops accepting connections, running and queued requests finish
 or, past ``deadline_s``, are cancelled (their clients get an error), the engine thread ends and the
 process exits (``r4b serve``: status 0 after SIGTERM, 130 after Ctrl-C / SIGINT, as for any r4b command).
-A second SIGINT quits at once (uvicorn's force exit).
+A second SIGINT quits at once (uvicorn's force exit). Should an engine step outlast the deadline by more
+than uvicorn's graceful timeout (``deadline_s`` + 2 s), uvicorn cancels the request handlers: each logs one
+line (serve/choices.py) and ends without the traceback uvicorn would print for it.
 
 ``BackgroundServer`` runs the same server in a thread of this process (no signal handlers), for
 tests and notebooks: ``with BackgroundServer(app, engine) as server: server.url``.
@@ -12,6 +14,7 @@ tests and notebooks: ``with BackgroundServer(app, engine) as server: server.url`
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -39,6 +42,19 @@ class _GracefulServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+def _quiet_at_shutdown(app, engine: Engine):
+    """``app``, except that a request task uvicorn cancels at its graceful-shutdown timeout ends quietly:
+    uvicorn logs such a CancelledError as "Exception in ASGI application" with a traceback. Outside a
+    shutdown (the engine still accepting) a cancellation propagates as usual."""
+    async def quiet(scope, receive, send) -> None:
+        try:
+            await app(scope, receive, send)
+        except asyncio.CancelledError:
+            if engine.accepting:
+                raise
+    return quiet
+
+
 def _uvicorn_config(app, host: str, port: int, deadline_s: float, log_level: str,
                     ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
@@ -53,7 +69,8 @@ def serve_forever(app, engine: Engine, host: str = "127.0.0.1", port: int = 8000
     none did) after a graceful shutdown. ``sockets``: already bound sockets to listen on instead of binding
     ``host``:``port`` (``r4b serve`` binds before loading the weights, so a taken port fails at once).
     ``ssl_certfile`` / ``ssl_keyfile``: serve HTTPS with this PEM certificate chain and key."""
-    config = _uvicorn_config(app, host, port, deadline_s, log_level, ssl_certfile, ssl_keyfile)
+    config = _uvicorn_config(_quiet_at_shutdown(app, engine), host, port, deadline_s, log_level, ssl_certfile,
+                             ssl_keyfile)
     server = _GracefulServer(config, engine, deadline_s)
     server.run(sockets=sockets)
     return server.stop_signal
@@ -73,8 +90,8 @@ class BackgroundServer:
                  deadline_s: float = 5.0, log_level: str = "warning") -> None:
         self.host, self.port = host, port or free_port(host)
         self.engine, self.deadline_s = engine, deadline_s
-        self.server = _GracefulServer(_uvicorn_config(app, self.host, self.port, deadline_s, log_level), engine,
-                                      deadline_s)
+        self.server = _GracefulServer(_uvicorn_config(_quiet_at_shutdown(app, engine), self.host, self.port,
+                                                      deadline_s, log_level), engine, deadline_s)
         self.thread = threading.Thread(target=self.server.run, name="r4b-uvicorn", daemon=True)
 
     @property
