@@ -5,6 +5,8 @@ nothing from r4b, so that the weights layer can use it.
 
     write_directory(target, fill, force=False, keeps_out=..., reuse_own=False)
       1. checks first, before any expensive work:
+         - ``target`` is a symlink to nothing                     -> FileExistsError naming both (a symlink to
+           a directory is followed: the output goes into that directory)
          - ``target`` is a file                                   -> FileExistsError naming it
          - ``target`` holds anything and not ``force``            -> FileExistsError naming what it holds
            (with ``reuse_own``, a directory holding only files its manifest lists, i.e. an earlier r4b
@@ -49,9 +51,19 @@ def read_manifest(directory: Path) -> set[str]:
         return set()
 
 
+def refuse_dangling_link(path: Path, name: str | None = None) -> None:
+    """``FileExistsError`` when ``path`` is a symlink to nothing: r4b neither writes through it (where would the
+    output go?) nor replaces the user's link. ``name`` (e.g. "--out") starts the message."""
+    if path.is_symlink() and not path.exists():
+        raise FileExistsError(f"{name + ' ' if name else ''}{path} is a symlink to {os.readlink(path)}, which does not "
+                              "exist; r4b does not write through it or replace it. Create what it points to (a "
+                              "directory), or choose another path.")
+
+
 def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], what: str, *,
                  reuse_own: bool = False) -> None:
     """Step 1 of ``write_directory`` alone (see the module docstring); ``what`` names the output in messages."""
+    refuse_dangling_link(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file, not a directory; {what} is a directory of files. "
                               "Choose a new path (or move the file away).")
@@ -154,6 +166,8 @@ def write_directory(target: str | Path, fill: Callable[[Path], None], *, force: 
     """Write a directory with ``fill(staging_dir)``, safely (see the module docstring); returns ``target``."""
     target = Path(target).expanduser()
     check_target(target, force, keeps_out, what, reuse_own=reuse_own)
+    if target.is_symlink():  # a link to a directory: write into that directory (staged beside it, same file system)
+        target = target.resolve()
     staging = _staging_dir(target)
     try:
         fill(staging)

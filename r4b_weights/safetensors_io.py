@@ -47,6 +47,11 @@ def find_weight_files(directory: Path) -> tuple[list[Path], Path | None]:
     index = directory / INDEX_NAME
     if index.is_file():
         weight_map = _read_index(index)
+        if not weight_map:  # e.g. a stale index beside model.safetensors: it would win and load nothing
+            raise CorruptCheckpointError(
+                f"{index}: its 'weight_map' names no tensors, so the checkpoint would load nothing"
+                + (f" (r4b reads the index, not {SINGLE_NAME} beside it; remove the stale index)"
+                   if (directory / SINGLE_NAME).is_file() else "") + ".")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:

@@ -43,7 +43,11 @@ API_KEY_ENV = "R4B_API_KEY"
 
 
 def _port(text: str) -> int:
-    value = non_negative_int(text)
+    """argparse type: a TCP port, 1..65535 (one message for every out-of-range value, 0 and -1 included)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number (a TCP port, 1..65535), got {text!r}") from None
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
     return value

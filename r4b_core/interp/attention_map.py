@@ -189,7 +189,7 @@ def save_png(image: Image.Image, path: str | Path, force: bool = False) -> Path:
     """Write ``image`` as a PNG at ``path`` atomically (a temporary file in the same folder, then a rename).
     An existing file is replaced only with ``force``."""
     path = Path(path).expanduser()
-    if path.exists() and not force:
+    if (path.exists() or path.is_symlink()) and not force:  # a dangling link is the user's too
         raise FileExistsError(f"{path} already exists; choose another --out or pass --force to replace it.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such directory for the output file.")

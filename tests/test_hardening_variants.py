@@ -1,0 +1,173 @@
+"""Held-out variants of issue 21's findings (round 4 item 4): the same kinds of fault as the replayed ones,
+in places the first tests did not try.
+
+- training states: damage in other regions than the middle of the weights (the safetensors header's first
+  byte, the RNG file, a listed file deleted, the manifest's own checksum or text) is named and never
+  resumed from; a stray file beside a state's files does not make it unusable;
+- ``--out`` a symlink: to nothing (train.py trained every step and ended in a NotADirectoryError
+  traceback; eval said "[Errno 17] File exists"; make-synthetic / an export failed after the work; an
+  attention map replaced the user's link without --force), to a file (refused as a file), to an empty
+  directory (an export into it failed after the work: the finished directory could not replace the link);
+- ``--port`` out of range: -1 said "must be at least 0" although 0 is refused too;
+- a checkpoint directory with a stray empty shard index beside model.safetensors loaded nothing and said
+  "DIR () lacks tensor(s)"; truncated safetensors headers are one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from r4b_core.cli import main
+from r4b_core.eval.output import EvalOutput
+from r4b_core.interp.attention_map import save_png
+from r4b_core.training.run_dir import check_run_dir
+from r4b_core.training.state import newest_intact_state
+from r4b_weights.export import save_hf_checkpoint
+
+from cli_errors import one_error  # tests/cli_errors.py
+from test_hardening_training import two_states
+
+
+# ---------------------------------------------------------------------------------------------------
+# training states: other damage
+
+
+def _flip_first_header_byte(state: Path) -> None:
+    path = state / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01  # the header length's low byte
+    path.write_bytes(bytes(data))
+
+
+def _bump_a_digit(path: Path) -> None:
+    text = path.read_text()
+    i = next(i for i, c in enumerate(text) if c in "012345678")
+    path.write_text(text[:i] + str(int(text[i]) + 1) + text[i + 1:])  # same size, still valid JSON
+
+
+def _edit_recorded_checksum(state: Path) -> None:
+    manifest = json.loads((state / "manifest.json").read_text())
+    digest = manifest["sha256"]["state.json"]
+    manifest["sha256"]["state.json"] = ("1" if digest[0] == "0" else "0") + digest[1:]
+    (state / "manifest.json").write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "header byte": (_flip_first_header_byte, "model.safetensors does not match its recorded checksum"),
+    "rng values": (lambda s: _bump_a_digit(s / "rng-rank00000.json"), "rng-rank00000.json does not match"),
+    "listed file deleted": (lambda s: (s / "rng-rank00000.json").unlink(), "rng-rank00000.json is listed in the "
+                                                                           "manifest but missing"),
+    "recorded checksum edited": (_edit_recorded_checksum, "state.json does not match its recorded checksum"),
+    "manifest not JSON": (lambda s: (s / "manifest.json").write_text("{not json"), "manifest.json: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_other_damage_to_the_newest_state_is_named_and_resume_falls_back(tmp_path, damage):
+    first, second, _ = two_states(tmp_path)
+    harm, says = DAMAGE[damage]
+    harm(second)
+    chosen, damaged = newest_intact_state(tmp_path)
+    assert chosen == first and [p for p, _ in damaged] == [second] and says in damaged[0][1]
+    said = []
+    assert check_run_dir(tmp_path, resume=True, say=said.append) == first
+    assert len(said) == 1 and "state-00000002 is damaged" in said[0] and "falling back to state-00000001" in said[0]
+
+
+def test_a_stray_file_in_a_state_does_not_make_it_damaged(tmp_path):
+    _, second, _ = two_states(tmp_path)
+    (second / "notes.txt").write_text("the user's")
+    assert newest_intact_state(tmp_path) == (second, [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# --out a symlink
+
+
+@pytest.fixture
+def links(tmp_path) -> dict[str, Path]:
+    (tmp_path / "a file").write_text("the user's")
+    (tmp_path / "empty dir").mkdir()
+    made = {"to nothing": tmp_path / "dangling", "to a file": tmp_path / "to-file", "to a dir": tmp_path / "to-dir"}
+    made["to nothing"].symlink_to(tmp_path / "nowhere")
+    made["to a file"].symlink_to(tmp_path / "a file")
+    made["to a dir"].symlink_to(tmp_path / "empty dir")
+    return made
+
+
+def test_train_out_a_dangling_symlink_is_one_line_before_any_work(links):
+    with pytest.raises(SystemExit, match=r"--out .*dangling is a symlink to .*nowhere, which does not exist"):
+        check_run_dir(links["to nothing"])
+    with pytest.raises(SystemExit, match=r"--out .*to-file is a file"):
+        check_run_dir(links["to a file"])
+    assert check_run_dir(links["to a dir"]) is None  # an empty directory, through its link: a fresh run
+
+
+def test_eval_out_a_symlink_to_nothing_or_a_file_is_named(links):
+    with pytest.raises(FileExistsError, match=r"--out .*dangling is a symlink to .*nowhere, which does not exist"):
+        EvalOutput(links["to nothing"], {"model": "m"})
+    with pytest.raises(FileExistsError, match=r"to-file: is a file"):
+        EvalOutput(links["to a file"], {"model": "m"})
+    assert os.readlink(links["to nothing"]).endswith("nowhere")  # the user's links untouched
+    assert (links["to a file"]).read_text() == "the user's"
+
+
+def test_make_synthetic_into_a_dangling_symlink_is_refused_first(links, capsys):
+    assert main(["make-synthetic", "--preset", "tiny", "--model", str(links["to nothing"])]) == 1
+    assert "is a symlink to" in one_error(capsys)
+    assert links["to nothing"].is_symlink() and not (links["to nothing"].parent / "nowhere").exists()
+
+
+def test_an_export_into_a_symlink_to_an_empty_directory_goes_into_that_directory(tiny_model, links):
+    save_hf_checkpoint(tiny_model, links["to a dir"])  # failed after the work: NotADirectoryError
+    assert links["to a dir"].is_symlink()
+    assert (links["to a dir"].parent / "empty dir" / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="is a symlink to"):
+        save_hf_checkpoint(tiny_model, links["to nothing"])
+
+
+def test_an_attention_map_never_replaces_a_dangling_link_without_force(links):
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_png(Image.new("RGBA", (4, 4)), links["to nothing"])
+    assert links["to nothing"].is_symlink()
+
+
+# ---------------------------------------------------------------------------------------------------
+# --port, checkpoint directories
+
+
+@pytest.mark.parametrize("port", ["-1", "0", "65536"])
+def test_an_out_of_range_port_names_the_range(port, capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--port", port])
+    assert f"argument --port: a TCP port is 1..65535, got {port}" in capsys.readouterr().err
+
+
+def test_a_stray_empty_shard_index_is_named(tiny_checkpoint, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    assert main(["inspect", str(checkpoint), "--load"]) == 1
+    line = one_error(capsys)
+    assert "model.safetensors.index.json: its 'weight_map' names no tensors" in line and "stale index" in line
+
+
+@pytest.mark.parametrize("cut", ["inside the length", "mid-header", "length past the end"])
+def test_a_truncated_safetensors_header_is_one_line_naming_the_file(tiny_checkpoint, tmp_path, cut, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    weights.write_bytes({"inside the length": data[:5], "mid-header": data[:8 + length // 2],
+                         "length past the end": struct.pack("<Q", 10 ** 12) + data[8:]}[cut])
+    assert main(["inspect", str(checkpoint), "--load"]) == 1
+    line = one_error(capsys)
+    assert f"{weights}: not a readable safetensors file" in line and "truncated or corrupt" in line
