@@ -10,7 +10,9 @@ in places the first tests did not try.
   directory (an export into it failed after the work: the finished directory could not replace the link);
 - ``--port`` out of range: -1 said "must be at least 0" although 0 is refused too;
 - a checkpoint directory with a stray empty shard index beside model.safetensors loaded nothing and said
-  "DIR () lacks tensor(s)"; truncated safetensors headers are one line naming the file.
+  "DIR () lacks tensor(s)"; truncated safetensors headers are one line naming the file;
+- ``--host 127.0.0.1:8000`` said it cannot be resolved (now: the port goes in --port); an IPv6 --host was
+  printed as http://::1:8000/v1; ``r4b eval --data 'FILE '`` printed the path unquoted (the space invisible).
 """
 
 from __future__ import annotations
@@ -171,3 +173,24 @@ def test_a_truncated_safetensors_header_is_one_line_naming_the_file(tiny_checkpo
     assert main(["inspect", str(checkpoint), "--load"]) == 1
     line = one_error(capsys)
     assert f"{weights}: not a readable safetensors file" in line and "truncated or corrupt" in line
+
+
+def test_a_host_with_a_port_says_the_port_goes_in_port(tiny_checkpoint, capsys, monkeypatch):
+    from r4b_core.cli.common import CommandSetup
+
+    monkeypatch.setattr(CommandSetup, "load_model", lambda *a, **k: pytest.fail("the weights were being loaded"))
+    assert main(["serve", "--model", str(tiny_checkpoint), "--host", "127.0.0.1:8000"]) == 1
+    assert "give the address alone and the port with --port (--host 127.0.0.1 --port 8000)" in one_error(capsys)
+
+
+def test_an_ipv6_host_is_bracketed_in_the_url_it_prints():
+    from r4b_core.cli.serve import url_host
+
+    assert f"http://{url_host('::1')}:8000/v1" == "http://[::1]:8000/v1"  # was http://::1:8000/v1
+    assert url_host("127.0.0.1") == "127.0.0.1"
+
+
+def test_an_eval_data_path_with_a_trailing_space_is_quoted(tiny_checkpoint, tmp_path, capsys):
+    path = f"{tmp_path / 'items.jsonl'} "
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", path]) == 1
+    assert f"{path!r}: no such benchmark file" in one_error(capsys)

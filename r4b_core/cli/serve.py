@@ -128,6 +128,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL: an IPv6 address in brackets (http://[::1]:8000)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound (not yet listening) to ``host``:``port``, as uvicorn binds one (SO_REUSEADDR); an
     OSError whose message names the flag to change when the host does not resolve or the bind fails."""
@@ -136,6 +141,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
                                                              flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as e:
         reason = e.strerror if isinstance(e, socket.gaierror) else str(e)
+        name, _, port_text = host.rpartition(":")
+        if name and ":" not in name and port_text.isdigit():  # "127.0.0.1:8000": the port belongs in --port
+            raise OSError(f"--host {host!r}: give the address alone and the port with --port "
+                          f"(--host {name} --port {port_text}).") from None
         raise OSError(f"--host {host!r}: cannot resolve it to an address ({reason}); give an IP address such as "
                       "127.0.0.1 or 0.0.0.0, or a name this machine resolves.") from None
     sock = socket.socket(family, kind, proto)
@@ -144,7 +153,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        where = f"{host}:{port}"
+        where = f"{url_host(host)}:{port}"
         if e.errno == errno.EADDRINUSE:
             message = f"--port {port}: {where} is already in use (another server?); stop it or choose another --port."
         elif e.errno == errno.EACCES:
@@ -235,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     scheme = "http" if args.ssl_certfile is None else "https"
     progress_to_stderr(f"r4b serve: model {name!r} ({directory}, {dtype}, {device}); up to {args.max_batch_size} "
                        f"requests of {engine.max_seq_len} tokens over a KV pool of {engine.kv_cache_tokens} tokens "
-                       f"({engine.cache.nbytes / 2**30:.2f} GiB); {scheme}://{args.host}:{args.port}/v1")
+                       f"({engine.cache.nbytes / 2**30:.2f} GiB); {scheme}://{url_host(args.host)}:{args.port}/v1")
     stopped_by = serve_forever(app, engine, args.host, args.port, deadline_s=args.shutdown_timeout,
                                log_level=args.log_level, sockets=[listening],
                                ssl_certfile=None if args.ssl_certfile is None else str(args.ssl_certfile.expanduser()),

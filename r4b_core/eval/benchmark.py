@@ -52,7 +52,8 @@ def load_benchmark(path: str | Path, limit: int | None = None) -> list[EvalItem]
     """The items of a ``.tsv`` (VLMEvalKit) or ``.jsonl`` benchmark file, in file order (at most ``limit``)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such benchmark file (give a VLMEvalKit .tsv or a .jsonl file).")
+        shown = repr(str(path)) if str(path) != str(path).strip() else path  # a stray space is visible when quoted
+        raise FileNotFoundError(f"{shown}: no such benchmark file (give a VLMEvalKit .tsv or a .jsonl file).")
     suffix = path.suffix.lower()
     if suffix == ".tsv":
         items = _read_tsv(path)
