@@ -17,6 +17,7 @@ from r4b_core.models.fast_linears import (
     Int8Linear,
     PrepackedLinear,
     fast_linears,
+    padded_rows,
     prepack_available,
     quantize_int8_per_channel,
     quantize_model,
@@ -153,6 +154,14 @@ def test_prepacked_linear_equals_the_plain_linear_without_keeping_the_plain_weig
     y = packed(x)
     assert y.shape == (2, rows, 160) and y.dtype == dtype
     assert (y.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_prepacked_row_counts_are_few_and_waste_little():
+    # oneDNN keeps memory per distinct row count: a server's random prompt lengths must meet a bounded set
+    counts = {m: padded_rows(m) for m in range(1, 4097)}
+    assert all(counts[m] == m for m in range(1, 17))  # decode batches run exactly as they are
+    assert all(m <= padded <= max(m + 7, m * 1.125) for m, padded in counts.items())
+    assert len(set(counts.values())) <= 80
 
 
 @needs_onednn
