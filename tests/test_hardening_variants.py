@@ -12,7 +12,9 @@ in places the first tests did not try.
 - a checkpoint directory with a stray empty shard index beside model.safetensors loaded nothing and said
   "DIR () lacks tensor(s)"; truncated safetensors headers are one line naming the file;
 - ``--host 127.0.0.1:8000`` said it cannot be resolved (now: the port goes in --port); an IPv6 --host was
-  printed as http://::1:8000/v1; ``r4b eval --data 'FILE '`` printed the path unquoted (the space invisible).
+  printed as http://::1:8000/v1; ``r4b eval --data 'FILE '`` printed the path unquoted (the space invisible);
+- ``generate(..., max_new_token=2)`` failed inside the model's forward (as ``temperature=`` did); a 1-D or
+  list prompt failed in an unpack / ``.to`` instead of the check that names an empty prompt.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from r4b_core.cli import main
@@ -194,3 +197,19 @@ def test_an_eval_data_path_with_a_trailing_space_is_quoted(tiny_checkpoint, tmp_
     path = f"{tmp_path / 'items.jsonl'} "
     assert main(["eval", "--model", str(tiny_checkpoint), "--data", path]) == 1
     assert f"{path!r}: no such benchmark file" in one_error(capsys)
+
+
+def test_a_misspelled_generate_keyword_is_named_before_the_model_runs(tiny_model):
+    from r4b_core.generation.generate import generate
+
+    with pytest.raises(TypeError, match=r"max_new_token= \(did you mean max_new_tokens=\?\)"):  # failed in forward
+        generate(tiny_model, torch.tensor([[1, 2]]), max_new_token=2)
+
+
+@pytest.mark.parametrize("prompt", [torch.tensor([], dtype=torch.long), torch.tensor([1, 2]), [[1, 2]]],
+                         ids=["empty 1-D", "1-D", "a list"])
+def test_a_prompt_that_is_not_a_batch_of_ids_is_named_as_such(tiny_model, prompt):
+    from r4b_core.generation.generate import generate
+
+    with pytest.raises(ValueError, match=r"input_ids should be a non-empty \[batch, tokens\] tensor of token ids"):
+        generate(tiny_model, prompt, max_new_tokens=1)  # "not enough values to unpack" / "'list' has no 'to'"

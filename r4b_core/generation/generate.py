@@ -296,6 +296,14 @@ def check_input_names(model: torch.nn.Module, inputs: Mapping[str, Any]) -> None
     if unknown:
         raise TypeError(f"generate() got {', '.join(f'{n}=' for n in unknown)}: sampling settings go in "
                         f"sampling=SamplingParams({', '.join(f'{n}=...' for n in unknown)}).")
+    import difflib  # a misspelled keyword of generate itself (max_new_token=): named here, not inside forward
+
+    own = [n for n in inspect.signature(generate).parameters if n not in ("model", "input_ids", "inputs")]
+    for name in inputs:
+        close = difflib.get_close_matches(name, own, 1, cutoff=0.8) if name not in parameters else []
+        if close:
+            raise TypeError(f"generate() got an unexpected keyword argument {name}= (did you mean {close[0]}=?); "
+                            f"its other keywords are inputs of {type(model).__name__}.forward.")
 
 
 def prepare_generation(
@@ -318,6 +326,7 @@ def prepare_generation(
     (``generation_config.json``: a non-empty ``eos_token_id``, a ``pad_token_id``, ``sampling()``),
     else the default (the tokenizer's ids at the chat level; none / 0 / greedy at the token level).
     """
+    check_prompt_ids(input_ids)  # a list or a 1-D tensor is named here, not by a failed unpack further on
     check_input_names(model, inputs or {})
     parameter = next(model.parameters())
     prepared = dict(inputs or {})
