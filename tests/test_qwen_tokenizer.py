@@ -105,6 +105,24 @@ CORPUS = _corpus()
 TIKTOKEN_SPECIALS = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}  # the ones the package's encoding shares
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _merges_reconstructed_once():
+    """The module builds the tokenizer JSON four times (ours, qwen_dir, another image token, make-synthetic);
+    the merges (about 2 s of each build) depend only on the package's ranks, so they are reconstructed
+    once for equal ranks. The ranks are still read, and everything after the merges built, each time."""
+    real, memo = qt.reconstruct_merges, []
+
+    def reconstruct_once(ranks):
+        if not memo or memo[0][0] != ranks:
+            memo[:] = [(ranks, real(ranks))]
+        return list(memo[0][1])
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(qt, "reconstruct_merges", reconstruct_once)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def ours() -> Tokenizer:
     return Tokenizer.from_str(json.dumps(qt.build_qwen_tokenizer_json()))

@@ -28,6 +28,8 @@ class ServerProcess:
                    "--log-level", "warning", *extra]
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> ServerProcess:
         end = time.monotonic() + 120
         while True:
             assert self.process.poll() is None, f"server exited early:\n{self.log.read_text()}"
@@ -38,6 +40,7 @@ class ServerProcess:
                 pass
             assert time.monotonic() < end, "server did not start"
             time.sleep(0.1)
+        return self
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
@@ -48,6 +51,24 @@ class ServerProcess:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
+
+
+SHUTDOWN_FLAGS = {
+    "sigterm": ("--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "4096", "--shutdown-timeout", "60"),
+    "sigint": ("--max-batch-size", "2", "--shutdown-timeout", "0"),
+}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint, tmp_path_factory):
+    """Both tests' servers, started at once (their start-ups overlap); each test signals its own to stop."""
+    started = {name: ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp(name), *flags)
+               for name, flags in SHUTDOWN_FLAGS.items()}
+    yield started
+    for server in started.values():
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
 
 
 def _stream_lines(url: str, body: dict, out: list, started: threading.Event) -> None:
@@ -64,9 +85,8 @@ def _post_json(url: str, body: dict, out: list) -> None:
     out.append((r.status_code, r.json()))
 
 
-def test_sigterm_finishes_running_and_queued_requests_and_exits_0(tiny_checkpoint, tmp_path):
-    server = ServerProcess(tiny_checkpoint, tmp_path, "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "4096",
-                           "--shutdown-timeout", "60")
+def test_sigterm_finishes_running_and_queued_requests_and_exits_0(servers):
+    server = servers["sigterm"].wait_ready()
     try:
         streamed, started = [], threading.Event()
         # forced past the random model's EOS (min_tokens), so it still runs while the second request queues
@@ -102,8 +122,8 @@ def test_sigterm_finishes_running_and_queued_requests_and_exits_0(tiny_checkpoin
         httpx.get(server.url + "/health", timeout=2)
 
 
-def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_130(tiny_checkpoint, tmp_path):
-    server = ServerProcess(tiny_checkpoint, tmp_path, "--max-batch-size", "2", "--shutdown-timeout", "0")
+def test_sigint_past_the_deadline_cancels_with_an_error_and_exits_130(servers):
+    server = servers["sigint"].wait_ready()
     try:
         streamed, started = [], threading.Event()
         running = threading.Thread(target=_stream_lines, args=(server.url, {"messages": MESSAGES, "max_tokens": 3000},

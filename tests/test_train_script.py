@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,12 +40,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str], cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def start(args: list[str], cache: Path) -> subprocess.Popen:
     env = {**os.environ, "R4B_CACHE": str(cache), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
+    # its own process group: a kill takes torchrun's workers too
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> None:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, f"{' '.join(proc.args)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+
+
+def run(args: list[str], cache: Path, timeout: int = 300) -> None:
+    finish(start(args, cache), timeout)
 
 
 def losses(log: Path, key: str = "loss") -> list[float]:
@@ -52,15 +73,26 @@ def losses(log: Path, key: str = "loss") -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_checkpoint):
     """(single-process output dir, FSDP output dir), each with loss.jsonl and the exported checkpoint."""
     root = tmp_path_factory.mktemp("train")
     cache = root / "cache"
     single, fsdp = root / "single", root / "fsdp"
-    run([str(TRAIN), *COMMON, "--out", str(single), "--log-file", str(root / "single.jsonl")], cache)
-    run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-         str(free_port()), str(TRAIN), "--fsdp", *COMMON, "--out", str(fsdp), "--log-file", str(root / "fsdp.jsonl")],
-        cache)
+    # both runs at once (the single process overlaps torchrun's start-up), both from the session's tiny
+    # checkpoint (read-only; the script's own synthetic checkpoint in the cache: tests/test_fault_injection.py)
+    source = ["--checkpoint", str(tiny_checkpoint)]
+    procs = [start([str(TRAIN), *COMMON, *source, "--out", str(single), "--log-file", str(root / "single.jsonl")],
+                   cache),
+             start(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port()), str(TRAIN), "--fsdp", *COMMON, *source, "--out", str(fsdp),
+                    "--log-file", str(root / "fsdp.jsonl")], cache)]
+    try:
+        for proc in procs:
+            finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill(proc)
     return root
 
 
