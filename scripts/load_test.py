@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -74,6 +75,25 @@ class Result:
 # one request
 
 
+class StreamError(RuntimeError):
+    """The server sent an error object inside an SSE stream (its JSON, shortened)."""
+
+
+def sse_chunks(response: httpx.Response) -> Iterator[dict | None]:
+    """The JSON chunks of an OpenAI SSE stream in order, then ``None`` for its closing ``data: [DONE]`` (missing
+    when the stream broke off: the request was lost). An error chunk raises ``StreamError``."""
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            yield None
+            return
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise StreamError(json.dumps(chunk["error"])[:200])
+        yield chunk
+
+
 def run_request(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int, stream: bool,
                 ignore_eos: bool, timeout_s: float) -> Result:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -95,16 +115,10 @@ def run_request(client: httpx.Client, url: str, model: str, prompt: str, max_tok
             if r.status_code != 200:
                 r.read()
                 return Result(False, status=r.status_code, error=r.text[:200], latency_s=time.perf_counter() - start)
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
+            for chunk in sse_chunks(r):
+                if chunk is None:
                     done = True
                     break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Result(False, status=200, error=json.dumps(chunk["error"])[:200],
-                                  latency_s=time.perf_counter() - start)
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
@@ -118,6 +132,8 @@ def run_request(client: httpx.Client, url: str, model: str, prompt: str, max_tok
         return Result(not lost, lost=lost, status=200, ttft_s=ttft, latency_s=latency, completion_tokens=tokens,
                       finish_reason=finish, decode_s=marks[-1] - marks[0] if len(marks) > 1 else None,
                       gaps_s=[b - a for a, b in zip(marks, marks[1:])])
+    except StreamError as e:
+        return Result(False, status=200, error=str(e), latency_s=time.perf_counter() - start)
     except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
         return Result(False, error=f"{type(e).__name__}: {e}"[:200], latency_s=time.perf_counter() - start)
 

@@ -32,7 +32,7 @@ import time
 
 import httpx
 
-from load_test import WORDS, StartedServer  # scripts/ is on sys.path when this file runs
+from load_test import WORDS, StartedServer, sse_chunks  # scripts/ is on sys.path when this file runs
 
 FOLLOW_UP = "and which shape is largest?"
 
@@ -66,13 +66,8 @@ def stream_chat(url: str, model: str, messages: list, max_tokens: int, marks: li
         if r.status_code != 200:
             r.read()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(json.dumps(chunk["error"])[:200])
-            for choice in chunk.get("choices", []):
+        for chunk in sse_chunks(r):  # an error chunk raises StreamError
+            for choice in (chunk or {}).get("choices", []):
                 piece = choice.get("delta", {}).get("content") or ""
                 if piece:
                     now = time.perf_counter()
