@@ -15,6 +15,8 @@ in places the first tests did not try.
   printed as http://::1:8000/v1; ``r4b eval --data 'FILE '`` printed the path unquoted (the space invisible);
 - ``generate(..., max_new_token=2)`` failed inside the model's forward (as ``temperature=`` did); a 1-D or
   list prompt failed in an unpack / ``.to`` instead of the check that names an empty prompt.
+Held already (tests kept as guards): a bad seed and the 413 on /v1/completions, an Inf in the projector for
+``r4b parity --json`` (slow).
 """
 
 from __future__ import annotations
@@ -213,3 +215,57 @@ def test_a_prompt_that_is_not_a_batch_of_ids_is_named_as_such(tiny_model, prompt
 
     with pytest.raises(ValueError, match=r"input_ids should be a non-empty \[batch, tokens\] tensor of token ids"):
         generate(tiny_model, prompt, max_new_tokens=1)  # "not enough values to unpack" / "'list' has no 'to'"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the server's refusals on the other route (seed and the 413 were replayed on chat completions)
+
+
+@pytest.fixture(scope="module")
+def small_body_server(tiny_model, tiny_processor):
+    from r4b_core.serve.api import ServerConfig, create_app
+    from r4b_core.serve.engine import Engine
+    from r4b_core.serve.server import BackgroundServer
+
+    engine = Engine(tiny_model, max_batch_size=1, max_seq_len=256, eos_token_ids=tiny_processor.eos_token_ids,
+                    pad_token_id=tiny_processor.pad_token_id)
+    with BackgroundServer(create_app(engine, tiny_processor, ServerConfig("r4b-tiny", max_body_bytes=2048)),
+                          engine) as server:
+        yield server
+
+
+@pytest.mark.parametrize("seed, says", [("5", "seed: expected an integer, got str '5'"),
+                                        (2 ** 64, "seed: must be at most 9223372036854775807"),
+                                        (True, "seed: expected an integer, got bool")])
+def test_completions_name_a_bad_seed_as_seed(small_body_server, seed, says):
+    import httpx
+
+    r = httpx.post(small_body_server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "seed": seed},
+                   timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "seed" and says in error["message"]
+
+
+def test_completions_413_names_the_flag_that_exists(small_body_server):
+    import httpx
+
+    r = httpx.post(small_body_server.url + "/v1/completions", json={"prompt": "x" * 4000, "max_tokens": 1},
+                   timeout=30)
+    assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow  # a parity run against transformers (several seconds)
+def test_parity_on_an_inf_in_the_projector_marks_the_projected_features(tiny_checkpoint, tmp_path, capsys):
+    """The replay put a NaN in a decoder layer; here an Inf in the vision side's projector, with --json."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    tensors["model.multi_modal_projector.linear_1.weight"].view(-1)[0] = float("inf")
+    save_file(tensors, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["parity", "--model", str(checkpoint), "--max-new-tokens", "2", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    stages = {s["name"]: s for s in report["stages"]}
+    assert report["first_divergence"] == "projected_features" and stages["vision_features"]["passed"]
+    assert stages["projected_features"]["nonfinite"]["r4b"]["inf"] > 0
