@@ -124,15 +124,16 @@ def test_pinpoint_lists_and_aspect_ratios(tmp_path, pinpoints, aspect_ratio):
     pins = OV_PINPOINTS if pinpoints == "onevision" else None
     directory = write_checkpoint(tmp_path, pinpoints=pins, aspect_ratio=aspect_ratio)
     ours, ref = R4BForConditionalGeneration.from_pretrained(directory), build_reference_model(directory)
-    # 300 x 300 with the 6x6 list: a 6x6 grid, a 24x24 map, ratio sqrt(576 / (9 * 16)) = 2 > 1.1
-    diff, n_tokens = compare(directory, ours, ref, [[(300, 300)], [(120, 50)]])
+    # 224 x 224 with the 6x6 list: a 4x4 grid, a 16x16 map, ratio sqrt(256 / (9 * 16)) = 1.33 > 1.1 (the
+    # smallest grid past anyres_max_9's threshold: 17 tiles, where 300 x 300's 6x6 grid had 37)
+    diff, n_tokens = compare(directory, ours, ref, [[(224, 224)], [(120, 50)]])
     assert diff <= TOL
-    first_image = num_image_tokens((300, 300), ours.config)
+    first_image = num_image_tokens((224, 224), ours.config)
     if pinpoints == "r4b":  # 2x2 grid, an 8x8 map: small enough that no downscale ever fires
         assert first_image == 16 + 8 * 8 + 8
-    elif aspect_ratio == "anyres":  # 6x6 grid, a 24x24 map kept whole
-        assert first_image == 16 + 24 * 24 + 24
-    else:  # the anyres_max_9 downscale fired: 24x24 -> 12x12
+    elif aspect_ratio == "anyres":  # 4x4 grid, a 16x16 map kept whole
+        assert first_image == 16 + 16 * 16 + 16
+    else:  # the anyres_max_9 downscale fired: 16x16 -> int(16 / 1.33) = 12x12
         assert first_image == 16 + 12 * 12 + 12
 
 
