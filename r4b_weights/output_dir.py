@@ -5,7 +5,8 @@ nothing from r4b, so that the weights layer can use it.
 
     write_directory(target, fill, force=False, keeps_out=..., reuse_own=False)
       1. checks first, before any expensive work:
-         - ``target`` is a symlink to nothing                     -> FileExistsError naming both (a symlink to
+         - ``target`` (or its nearest existing folder) is a symlink to nothing, or a folder on the way is a
+           file                                                   -> FileExistsError naming it (a symlink to
            a directory is followed: the output goes into that directory)
          - ``target`` is a file                                   -> FileExistsError naming it
          - ``target`` holds anything and not ``force``            -> FileExistsError naming what it holds
@@ -51,19 +52,28 @@ def read_manifest(directory: Path) -> set[str]:
         return set()
 
 
-def refuse_dangling_link(path: Path, name: str | None = None) -> None:
-    """``FileExistsError`` when ``path`` is a symlink to nothing: r4b neither writes through it (where would the
-    output go?) nor replaces the user's link. ``name`` (e.g. "--out") starts the message."""
-    if path.is_symlink() and not path.exists():
-        raise FileExistsError(f"{name + ' ' if name else ''}{path} is a symlink to {os.readlink(path)}, which does not "
-                              "exist; r4b does not write through it or replace it. Create what it points to (a "
-                              "directory), or choose another path.")
+def check_output_path(path: Path, name: str | None = None) -> None:
+    """``FileExistsError`` before any work when nothing can be written at ``path``: it, or the nearest of its
+    folders that exists, is a symlink to nothing (r4b neither writes through it, where would the output go?,
+    nor replaces the user's link), or a folder on the way is a file. ``name`` (e.g. "--out") starts the message."""
+    label = f"{name} {path}" if name else str(path)
+    for where in (path, *path.parents):
+        if where.is_symlink() and not where.exists():
+            it = "it" if where == path else f"its folder {where}"
+            raise FileExistsError(f"{label}: {it} is a symlink to {os.readlink(where)}, which does not exist; r4b "
+                                  "does not write through it or replace it. Create what it points to (a directory), "
+                                  "or choose another path.")
+        if where.exists():
+            if where != path and not where.is_dir():
+                raise FileExistsError(f"{label}: {where} is a file, so nothing can be written under it; choose "
+                                      "another path.")
+            return
 
 
 def check_target(target: Path, force: bool, keeps_out: Callable[[str], bool], what: str, *,
                  reuse_own: bool = False) -> None:
     """Step 1 of ``write_directory`` alone (see the module docstring); ``what`` names the output in messages."""
-    refuse_dangling_link(target)
+    check_output_path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file, not a directory; {what} is a directory of files. "
                               "Choose a new path (or move the file away).")

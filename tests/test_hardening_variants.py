@@ -8,6 +8,7 @@ in places the first tests did not try.
   traceback; eval said "[Errno 17] File exists"; make-synthetic / an export failed after the work; an
   attention map replaced the user's link without --force), to a file (refused as a file), to an empty
   directory (an export into it failed after the work: the finished directory could not replace the link);
+  under a file or under a dangling link (train.py trained every step, then a FileExistsError traceback);
 - ``--port`` out of range: -1 said "must be at least 0" although 0 is refused too;
 - a checkpoint directory with a stray empty shard index beside model.safetensors loaded nothing and said
   "DIR () lacks tensor(s)"; truncated safetensors headers are one line naming the file;
@@ -110,15 +111,25 @@ def links(tmp_path) -> dict[str, Path]:
 
 
 def test_train_out_a_dangling_symlink_is_one_line_before_any_work(links):
-    with pytest.raises(SystemExit, match=r"--out .*dangling is a symlink to .*nowhere, which does not exist"):
+    with pytest.raises(SystemExit, match=r"--out .*dangling: it is a symlink to .*nowhere, which does not exist"):
         check_run_dir(links["to nothing"])
     with pytest.raises(SystemExit, match=r"--out .*to-file is a file"):
         check_run_dir(links["to a file"])
     assert check_run_dir(links["to a dir"]) is None  # an empty directory, through its link: a fresh run
 
 
+def test_out_under_a_file_or_a_dangling_link_is_one_line_before_any_work(links, capsys):
+    under_file, under_link = links["to a file"] / "run", links["to nothing"] / "run"
+    with pytest.raises(SystemExit, match=r"--out .*to-file/run: .*to-file is a file, so nothing can be written"):
+        check_run_dir(under_file)  # train.py trained every step, then a FileExistsError traceback
+    with pytest.raises(FileExistsError, match=r"its folder .*dangling is a symlink to"):
+        EvalOutput(under_link, {"model": "m"})  # was "[Errno 2x] ..."
+    assert main(["make-synthetic", "--preset", "tiny", "--model", str(under_file)]) == 1
+    assert "to-file is a file, so nothing can be written under it" in one_error(capsys)
+
+
 def test_eval_out_a_symlink_to_nothing_or_a_file_is_named(links):
-    with pytest.raises(FileExistsError, match=r"--out .*dangling is a symlink to .*nowhere, which does not exist"):
+    with pytest.raises(FileExistsError, match=r"--out .*dangling: it is a symlink to .*nowhere, which does not exist"):
         EvalOutput(links["to nothing"], {"model": "m"})
     with pytest.raises(FileExistsError, match=r"to-file: is a file"):
         EvalOutput(links["to a file"], {"model": "m"})

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from r4b_weights.atomic_file import write_file_atomic
-from r4b_weights.output_dir import MANIFEST_NAME, read_manifest, refuse_dangling_link
+from r4b_weights.output_dir import MANIFEST_NAME, read_manifest, check_output_path
 
 PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"
@@ -34,7 +34,7 @@ class EvalOutput:
 
     def __init__(self, directory: str | Path, settings: dict[str, Any], *, force: bool = False) -> None:
         self.directory = Path(directory).expanduser()
-        refuse_dangling_link(self.directory, "--out")
+        check_output_path(self.directory, "--out")
         if self.directory.exists() and not self.directory.is_dir():
             raise FileExistsError(f"--out {self.directory}: is a file; give a directory for the eval output.")
         self.directory.mkdir(parents=True, exist_ok=True)

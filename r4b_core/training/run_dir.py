@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from r4b_core.training.state import STATE_PREFIX, newest_intact_state
-from r4b_weights.output_dir import MANIFEST_NAME, read_manifest as read_export_manifest, refuse_dangling_link
+from r4b_weights.output_dir import MANIFEST_NAME, read_manifest as read_export_manifest, check_output_path
 
 
 def describe_run_dir(out: Path) -> str:
@@ -46,7 +46,7 @@ def check_run_dir(out: str | Path, *, resume: bool = False, force: bool = False,
     if resume and force:
         raise SystemExit("--resume continues the run in --out and --force starts over there; pass one of them.")
     try:
-        refuse_dangling_link(out, "--out")
+        check_output_path(out, "--out")
     except FileExistsError as e:
         raise SystemExit(str(e)) from None
     if out.exists() and not out.is_dir():
