@@ -18,8 +18,9 @@ COMPARED = ("id", "mode", "thinking", "answer", "thought", "extracted", "parseab
             "finish_reason")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def r4b_server(tiny_checkpoint):
+    """One `r4b serve` for the module's tests (a start-up is seconds); the eval runs only read from it."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "r4b_core.cli", "serve", "--model", str(tiny_checkpoint), "--port", str(port),
