@@ -21,10 +21,14 @@ mkdir -p "$out_dir"
 
 if [[ "${1:-}" == "--dry-run" ]]; then
     export TRITON_INTERPRET=1
-    python scripts/kernel_check.py --dry-run --json "$out_dir/kernel.json"
+    # the two steps at once (their figures mean nothing here; the GPU run keeps them apart): `wait` fails the
+    # script if the kernel check failed
+    python scripts/kernel_check.py --dry-run --json "$out_dir/kernel.json" &
+    kernel_check=$!
     # the GPU run's options on a tiny model: one variant, no load timing (tests/test_bench.py covers the rest)
     python -m r4b_core.cli bench --preset tiny --device cpu --prompt-tokens 32 --max-new-tokens 4 --repeats 1 \
         --max-repeats 1 --no-compile --variants float32 --no-load --json > "$out_dir/bench.json"
+    wait "$kernel_check"
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
