@@ -29,9 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bimode_shapes, shapes_data, ctrl_c
+import ctrl_c  # noqa: E402  (imports nothing heavy)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bimode_shapes, shapes_data
+if __name__ == "__main__":
+    ctrl_c.during_imports("bpo.py")  # Ctrl-C: one line and status 130, not a traceback
+
+import torch  # noqa: E402  (after the Ctrl-C hook above)
 
 from bimode_shapes import AUTO_THINK_SHARE, KINDS, annealing_conversation, task_item, user_turn  # noqa: E402
 
@@ -396,4 +400,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    ctrl_c.run("bpo.py", main, parse_args())  # a state being written is left partial, removed by the next run

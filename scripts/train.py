@@ -45,19 +45,11 @@ import sys
 import time
 from pathlib import Path
 
-INTERRUPTED_STATUS = 130  # Ctrl-C: the shell's status for SIGINT
-
-
-def _exit_quietly_on_ctrl_c(kind, error, trace) -> None:
-    """sys.excepthook while the imports below run (seconds): a Ctrl-C there is one line and status 130."""
-    if issubclass(kind, KeyboardInterrupt):
-        print("train.py: interrupted", file=sys.stderr, flush=True)
-        os._exit(INTERRUPTED_STATUS)  # nothing is written yet; the interpreter may be half way through an import
-    sys.__excepthook__(kind, error, trace)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ctrl_c, shapes_data
+import ctrl_c  # noqa: E402  (imports nothing heavy)
 
 if __name__ == "__main__":
-    sys.excepthook = _exit_quietly_on_ctrl_c
+    ctrl_c.during_imports("train.py")
 
 import torch  # noqa: E402  (after the Ctrl-C hook above)
 import torch.distributed as dist
@@ -416,8 +408,4 @@ def export(model, args, source: str, rank: int, say) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        train(parse_args())
-    except KeyboardInterrupt:  # a state being written is left as a partial one, removed by the next run
-        print("train.py: interrupted", file=sys.stderr, flush=True)
-        sys.exit(INTERRUPTED_STATUS)
+    ctrl_c.run("train.py", train, parse_args())  # a state being written is left partial, removed by the next run

@@ -200,12 +200,13 @@ def _interrupt_during_imports(command: list[str], timeout_s: float = 60.0) -> tu
     return status, "".join(line for line in output if not line.startswith("import time:"))
 
 
-@pytest.mark.parametrize("program", ["r4b", "train.py"])
+@pytest.mark.parametrize("program", ["r4b", "train.py", "bpo.py"])  # bpo.py: a traceback (no handling) before
 def test_ctrl_c_during_the_start_up_imports_exits_130_in_one_line(program, tiny_checkpoint, tmp_path):
-    command = (["-m", "r4b_core.cli", "generate", "--model", str(tiny_checkpoint), "--prompt", "hi",
-                "--max-new-tokens", "2"] if program == "r4b" else
-               ["scripts/train.py", "--checkpoint", str(tiny_checkpoint), "--steps", "1", "--eval-examples", "0",
-                "--out", str(tmp_path / "run")])
+    command = {"r4b": ["-m", "r4b_core.cli", "generate", "--model", str(tiny_checkpoint), "--prompt", "hi",
+                       "--max-new-tokens", "2"],
+               "train.py": ["scripts/train.py", "--checkpoint", str(tiny_checkpoint), "--steps", "1",
+                            "--eval-examples", "0", "--out", str(tmp_path / "run")],
+               "bpo.py": ["scripts/bpo.py", "--out", str(tmp_path / "run")]}[program]
     status, output = _interrupt_during_imports(command)
     assert status == 130, output
     assert "Traceback" not in output and output.strip().endswith("interrupted"), output
