@@ -157,6 +157,16 @@ def test_an_attention_map_never_replaces_a_dangling_link_without_force(links):
     assert links["to nothing"].is_symlink()
 
 
+def test_attention_map_out_a_dangling_link_is_refused_before_the_weights_load(tiny_checkpoint, links, never_loaded,
+                                                                             capsys):
+    out = links["to nothing"].with_name("map.png")
+    out.symlink_to(out.parent / "nowhere.png")
+    Image.new("RGB", (16, 16)).save(out.parent / "picture.png")
+    assert main(["attention-map", "--model", str(tiny_checkpoint), "--image", str(out.parent / "picture.png"),
+                 "--prompt", "hi", "--out", str(out)]) == 1  # the model ran, then save_png refused
+    assert "map.png already exists" in one_error(capsys) and out.is_symlink()
+
+
 # ---------------------------------------------------------------------------------------------------
 # --port, checkpoint directories
 

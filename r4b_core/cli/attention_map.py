@@ -49,7 +49,7 @@ def _check_out(path: str, force: bool) -> Path:
         raise UsageError(f"--out {path}: the overlay is written as PNG; give a path ending in .png.")
     if out.is_dir():
         raise UsageError(f"--out {path} is a directory; give a file path ending in .png.")
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:  # a dangling link too: checked before the weights load
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it.")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: no such directory for --out.")
