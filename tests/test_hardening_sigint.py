@@ -122,3 +122,13 @@ def test_ctrl_c_in_train_py_keeps_the_earlier_export_and_intact_states(tiny_chec
     assert states, "the interrupted run kept no training state"
     for state in states:
         verify_state(state)  # raises when a state left in view is damaged
+
+
+def test_ctrl_c_in_bpo_py_during_annealing(tiny_checkpoint, tmp_path):
+    """bpo.py had no Ctrl-C handling at all (a KeyboardInterrupt traceback); now scripts/ctrl_c.py's one line."""
+    out = tmp_path / "bpo"
+    status, lines = interrupt_when([str(REPO / "scripts" / "bpo.py"), "--checkpoint", str(tiny_checkpoint), "--out",
+                                    str(out), "--anneal-steps", "500", "--anneal-batch", "2", "--eval-prompts", "2",
+                                    "--no-plot"], lambda line: line.startswith("anneal    1/500"))
+    assert_interrupted(status, lines, "bpo.py: interrupted")
+    assert not (out / "annealed").exists()  # the annealed checkpoint is written only when annealing is done
