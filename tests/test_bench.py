@@ -76,9 +76,12 @@ def test_bench_defaults_are_the_short_run_and_full_the_sweep():
     from r4b_core.cli.main import build_parser
 
     parse = build_parser().parse_args
-    assert sweep_settings(parse(["bench"])) == (("float32", "float32-plain"), (1, 8), 5, 1)
-    assert sweep_settings(parse(["bench", "--full"])) == (("float32", "float32-plain", "bfloat16", "int8"), (1, 4, 8), 9, 2)
-    assert sweep_settings(parse(["bench", "--full", "--variants", "int8", "--max-repeats", "3"]))[::2] == (("int8",), 3)
+    assert sweep_settings(parse(["bench"])) == (("float32", "float32-plain"), (1, 8), 3, 1, False)
+    assert sweep_settings(parse(["bench", "--full"])) == (("float32", "float32-plain", "bfloat16", "int8"), (1, 4, 8), 9, 2,
+                                                          True)
+    assert sweep_settings(parse(["bench", "--compile"]))[4] and not sweep_settings(parse(["bench", "--full",
+                                                                                          "--no-compile"]))[4]
+    assert sweep_settings(parse(["bench", "--full", "--variants", "int8", "--max-repeats", "3"]))[0:3:2] == (("int8",), 3)
 
 
 def test_bench_needs_two_new_tokens_to_time_a_step(capsys):

@@ -2,7 +2,7 @@
 
 A random-init preset (default small) or a checkpoint (--model); prints a table, or ``--json`` one
 object; progress goes to stderr. The fast path for tests: ``--preset tiny --max-new-tokens 4
---repeats 1 --max-repeats 1 --no-compile --load-repeats 1``.
+--repeats 1 --max-repeats 1 --load-repeats 1`` (the compiled step only runs with --compile or --full).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ VARIANT_CHOICES = ("float32", "float32-plain", "bfloat16", "bfloat16-plain", "fl
 DEFAULT_VARIANTS = ("float32", "float32-plain")  # the default run fits 5 minutes on a 2-core CPU
 FULL_VARIANTS = ("float32", "float32-plain", "bfloat16", "int8")  # --full
 DEFAULT_BATCH_SIZES, FULL_BATCH_SIZES = (1, 8), (1, 4, 8)
-DEFAULT_MAX_REPEATS, FULL_MAX_REPEATS = 5, 9
+DEFAULT_MAX_REPEATS, FULL_MAX_REPEATS = 3, 9  # default: exactly --repeats (3) rounds
 DEFAULT_LOAD_REPEATS, FULL_LOAD_REPEATS = 1, 2
 
 
@@ -87,7 +87,9 @@ def add_parser(subparsers: argparse._SubParsersAction,
                         + ")")
     b.add_argument("--load-repeats", type=positive_int, default=None, metavar="N",
                    help=f"fresh-process loads per side (default {DEFAULT_LOAD_REPEATS}; --full {FULL_LOAD_REPEATS})")
-    b.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    b.add_argument("--compile", action="store_true",
+                   help="also time the compiled decode step (on with --full; its compile takes minutes on a CPU)")
+    b.add_argument("--no-compile", action="store_true", help="skip the compiled decode step (with --full)")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers reference")
     b.add_argument("--no-prefill", action="store_true", help="skip the prefill and vision timings")
     b.add_argument("--no-load", action="store_true",
@@ -97,13 +99,15 @@ def add_parser(subparsers: argparse._SubParsersAction,
     return b
 
 
-def sweep_settings(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[int, ...], int, int]:
-    """(variants, batch sizes, max repeats, load repeats): the flags given, else the default run's or --full's."""
+def sweep_settings(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[int, ...], int, int, bool]:
+    """(variants, batch sizes, max repeats, load repeats, compiled step): the flags given, else the default
+    run's (which fits 5 minutes on a 2-core CPU) or --full's."""
     full = args.full
     return (args.variants or (FULL_VARIANTS if full else DEFAULT_VARIANTS),
             args.batch_sizes or (FULL_BATCH_SIZES if full else DEFAULT_BATCH_SIZES),
             args.max_repeats or (FULL_MAX_REPEATS if full else DEFAULT_MAX_REPEATS),
-            args.load_repeats or (FULL_LOAD_REPEATS if full else DEFAULT_LOAD_REPEATS))
+            args.load_repeats or (FULL_LOAD_REPEATS if full else DEFAULT_LOAD_REPEATS),
+            not args.no_compile and (args.compile or full))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                          "it needs at least 2.")
     if not 0 < args.max_spread:
         raise UsageError(f"--max-spread must be above 0, got {args.max_spread}.")
-    variants, batch_sizes, max_repeats, load_repeats = sweep_settings(args)
+    variants, batch_sizes, max_repeats, load_repeats, compiled = sweep_settings(args)
     device = torch_device(args.device)
     directory = resolve_checkpoint(args.model, args.revision) if args.model is not None else None
     options = BenchOptions(
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=compute_dtype(args.dtype, directory), quantize=args.quantize, device=str(device),
         prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
         max_repeats=max_repeats, max_spread=args.max_spread, variants=variants,
-        batch_sizes=batch_sizes, compile=not args.no_compile, transformers=not args.no_transformers,
+        batch_sizes=batch_sizes, compile=compiled, transformers=not args.no_transformers,
         prefill=not args.no_prefill, load=not args.no_load, load_repeats=load_repeats)
     result = run_bench(options, progress=progress_to_stderr)
     print(json.dumps(result) if args.json else format_table(result))
