@@ -26,7 +26,7 @@ from r4b_core.serve.engine import Engine  # noqa: E402
 from r4b_core.serve.server import BackgroundServer  # noqa: E402
 
 MODEL = "r4b-tiny"
-EXAMPLES = 12  # per operation and mode: bounded for the default suite
+EXAMPLES = 8  # per operation and mode: bounded for the default suite (the whole suite must fit 5 minutes)
 
 _SMALL = {"type": "integer", "minimum": 0, "maximum": 6}
 _SAMPLING = {  # the fields both generation routes share (schema.parse_sampling_fields)

@@ -96,6 +96,7 @@ def runs(tmp_path_factory, tiny_checkpoint):
     return root
 
 
+@pytest.mark.slow  # 17 s (torchrun + a second run); in the default suite: tests/test_training.py's in-process FSDP2
 def test_two_process_fsdp2_matches_one_process(runs):
     one, two = losses(runs / "single.jsonl"), losses(runs / "fsdp.jsonl")
     assert len(one) == len(two) == 2
@@ -115,6 +116,7 @@ def test_two_process_fsdp2_matches_one_process(runs):
     assert max(v for k, v in diff.items() if k not in noise_only) <= 1e-5
 
 
+@pytest.mark.slow  # shares the runs above; the default suite's scripts/train.py runs: test_fault_injection.py, test_hardening*
 def test_the_scripts_checkpoint_is_complete(runs):
     out = runs / "single"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
