@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             server = StartedServer(model_dir, args.streams + 1, None, "/tmp/r4b-scenario-server.log",
                                    extra=common + extra)
             try:
-                report[name] = [stall_on(server, args.streams, prompt, args.stream_tokens) for _ in range(args.rounds)]
+                # each round's prompt opens differently: a repeat would be served from the prefix cache
+                report[name] = [stall_on(server, args.streams, f"round {r}: {prompt}", args.stream_tokens)
+                                for r in range(args.rounds)]
             finally:
                 server.stop()
             print(f"  {name}: {report[name]}", file=sys.stderr, flush=True)
