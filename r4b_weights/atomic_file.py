@@ -60,7 +60,8 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Persist a file's contents (before it is renamed into place)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -80,7 +81,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_file(tmp)
         give_usual_mode(tmp)  # mkstemp (and safetensors) create 0600: the file gets the umask's usual mode
         os.replace(tmp, path)
     finally:

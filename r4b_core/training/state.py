@@ -73,7 +73,6 @@ from r4b_core.training.state_io import (
     encode,
     for_safetensors,
     fsync_dir,
-    fsync_file,
     read_json,
     rng_state,
     set_rng_state,
@@ -101,7 +100,7 @@ from r4b_core.training.state_dir import (
     remove_partial_states,
     verify_state,
 )
-from r4b_weights.atomic_file import replacing
+from r4b_weights.atomic_file import fsync_file, replacing
 from r4b_weights.output_dir import give_usual_mode
 
 WEIGHT_CHOICES = ("trainable", "all")

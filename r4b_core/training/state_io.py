@@ -9,7 +9,7 @@ directory protocol).
   pickle anywhere.
 - RNG states of this process as JSON data: ``rng_state`` / ``set_rng_state`` (torch CPU, CUDA when
   initialised, Python ``random``, numpy's global generator).
-- Durable writes: ``write_json`` fsyncs the file; ``fsync_file`` / ``fsync_dir`` for the rest.
+- Durable writes: ``write_json`` fsyncs the file; ``fsync_dir`` (and r4b_weights.atomic_file's ``fsync_file``) for the rest.
 """
 
 from __future__ import annotations
@@ -33,14 +33,6 @@ class TrainingStateError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # durable files
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
