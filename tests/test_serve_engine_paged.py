@@ -163,3 +163,18 @@ def test_the_default_engine_admits_an_image_prompt_plus_16384_new_tokens():
     assert stats["kv_cache_tokens"] == engine.kv_cache_tokens and stats["kv_blocks_used"] == 0
     with pytest.raises(ValueError, match="kv-cache-tokens"):
         Engine(model, kv_cache_tokens=1024).check_request(1000, 100)
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_step_within_the_token_budget():
+    from r4b_core.serve.block_pool import BlockPool
+    from r4b_core.serve.scheduler import Scheduler, Sequence
+
+    sched = Scheduler(BlockPool(64, 16), max_running=8, token_budget=100)
+    for n in (30, 30, 30, 30):
+        sched.waiting.append(Sequence(request=None, token_ids=list(range(1, n + 1)), prompt_len=n))
+    sched.admit()
+    plan, preempted = sched.plan()
+    assert not plan.decode and not preempted
+    # 30 + 30 + 30 whole, the fourth gets the last 10 tokens of the budget as its first chunk
+    assert [(seq.prompt_len, end) for seq, end in plan.prefills] == [(30, 30), (30, 30), (30, 30), (30, 10)]
+    assert sum(end - seq.num_computed for seq, end in plan.prefills) == 100

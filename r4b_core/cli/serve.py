@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     kv.add_argument("--kv-cache-gb", type=finite_float, metavar="GB",
                     help="the paged KV cache's pool as a memory budget in GiB (instead of --kv-cache-tokens)")
     s.add_argument("--max-num-batched-tokens", type=positive_int, default=512, metavar="N",
-                   help="tokens per engine step, decode rows + one prefill chunk: a long prompt is prefilled in "
+                   help="tokens per engine step, decode rows + prefill chunks: a long prompt is prefilled in "
                         "chunks of about N so running streams keep decoding (default 512)")
     s.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV blocks of earlier requests with the same prefix")

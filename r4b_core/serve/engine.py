@@ -2,7 +2,7 @@
 
     submit(request) ──► bounded queue ──► scheduler (serve/scheduler.py): admitted when its prompt's blocks
     fit the pool (cached prefix blocks reused) ──► each step: ONE batched decode forward over the running
-    sequences with one pending token + at most one prefill chunk, within ``token_budget`` tokens
+    sequences with one pending token + prefill chunks (one forward each), within ``token_budget`` tokens
     ──► a finished, cancelled or failed request gives its blocks back at once
 
 Memory follows the tokens held: the KV cache is one pool of fixed-size blocks (models/paged_kv_cache.py)
@@ -62,7 +62,7 @@ _COUNTERS = ("prefill_tokens", "cached_prompt_tokens", "generated_tokens", "deco
              "preemptions", "finished_stop", "finished_length", "finished_cancelled", "finished_error")
 DEFAULT_MAX_SEQ_LEN = 32768  # prompt + answer per request: an image prompt plus max_tokens=16384 fits
 DEFAULT_KV_CACHE_TOKENS = 32768  # the pool: raised to max_seq_len when that is larger
-DEFAULT_TOKEN_BUDGET = 512  # tokens per engine step (decode rows + one prefill chunk)
+DEFAULT_TOKEN_BUDGET = 512  # tokens per engine step (decode rows + prefill chunks)
 
 
 def _nonfinite_error(step: int) -> str:
@@ -228,8 +228,9 @@ class Engine:
                     log.info("preempted %d request(s): KV blocks ran out", len(preempted))
                 if plan.decode:
                     self._decode(plan.decode)
-                if plan.prefill is not None and plan.prefill in self.scheduler.running:
-                    self._prefill(plan.prefill, plan.prefill_end)
+                for seq, end in plan.prefills:
+                    if seq in self.scheduler.running:
+                        self._prefill(seq, end)
                 self._publish_active()
 
     def _publish_active(self) -> None:

@@ -1,9 +1,10 @@
 """Which sequences run in the next engine step, and which KV blocks they hold (no tensors here).
 
 One step = one batched decode forward over every running sequence that has a single pending token, plus
-at most one prefill chunk (of the oldest sequence still prefilling) sized so that decode tokens + chunk
-tokens stay within ``token_budget``. So a long prompt is prefilled a chunk per step while the running
-streams keep decoding (chunked prefill), instead of stalling them for its whole prefill.
+prefill chunks of the sequences still prefilling (oldest first, one forward each) sized so that decode
+tokens + chunk tokens stay within ``token_budget``. So a long prompt is prefilled a chunk per step while the
+running streams keep decoding (chunked prefill), instead of stalling them for its whole prefill, and short
+prompts admitted together are all prefilled in their first step (the next decode batch is full at once).
 
 A sequence's state is ``token_ids`` (prompt, then the generated tokens) and ``num_computed`` (positions
 whose K/V are in its blocks). ``pending = len(token_ids) - num_computed``: 1 means "decode the last token",
@@ -53,8 +54,8 @@ class Sequence:
 @dataclass
 class StepPlan:
     decode: list[Sequence]
-    prefill: Sequence | None = None
-    prefill_end: int = 0  # the chunk is token_ids[prefill.num_computed:prefill_end]
+    # (sequence, end): each chunk is token_ids[sequence.num_computed:end]
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -133,11 +134,13 @@ class Scheduler:
         decode = [s for s in decode if s in self.running]
         plan = StepPlan(decode)
         room = max(self.token_budget - len(decode), 0)
-        if room:
-            for seq in self.running:
-                if seq.pending > 1:
-                    plan.prefill, plan.prefill_end = seq, min(len(seq.token_ids), seq.num_computed + room)
-                    break
+        for seq in self.running:
+            if room <= 0:
+                break
+            if seq.pending > 1:
+                end = min(len(seq.token_ids), seq.num_computed + room)
+                plan.prefills.append((seq, end))
+                room -= end - seq.num_computed
         return plan, preempted
 
     def computed(self, seq: Sequence, n: int) -> None:
