@@ -139,11 +139,12 @@ class PrepackedLinear(nn.Module):
                                "compile the model without prepacking (fast_linears(model, compile=True)).")
         bias = None if self.bias is None else self.bias.detach()
         rows = x.reshape(-1, self.in_features)  # [M, K]
-        padded = padded_rows(rows.shape[0])
-        if padded != rows.shape[0]:  # [M, K] -> [padded, K]: zero rows, dropped again below
-            rows = F.pad(rows, (0, 0, 0, padded - rows.shape[0]))
+        m = rows.shape[0]
+        padded = padded_rows(m)
+        if padded != m:  # [M, K] -> [padded, K]: zero rows, dropped again below
+            rows = F.pad(rows, (0, 0, 0, padded - m))
         y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, bias, "none", [], "")  # [padded, N]
-        return y[:x.numel() // self.in_features].reshape(*x.shape[:-1], self.out_features)
+        return y[:m].reshape(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         destination[prefix + "weight"] = self.weight
