@@ -10,7 +10,9 @@ The entry, ``compute_attention(q, k, v, ...)`` -> [B, Hq, T, D], is the one call
 projecting, norming and rotating its heads. In order:
     1. with a cache: write this forward's k, v into it (``cache.write``)
     2. a decode step (one token per sequence through a cache) whose probabilities nobody asked for:
-       the cache's fused ``decode_attention`` (SDPA over a bucketed span, or the Triton kernel) -> done
+       the cache's fused ``decode_attention`` (SDPA over a bucketed span, or the Triton kernel) -> done;
+       a packed prefill (``layout.packed``: several sequences' chunks in one row) likewise goes to the
+       cache's ``packed_attention`` (one SDPA call per chunk) -> done
     3. with a cache: the keys/values and mask to attend to come from ``cache.read``
     4. nobody asked for the probabilities: ``attention`` (SDPA, fused) -> done
     5. explicit: ``attention_probs`` -> the ``hook_pattern`` hook -> the ``AttentionRecorder`` -> ``attend``
@@ -145,6 +147,8 @@ def compute_attention(
         cache.write(layer, k, v, layout)
         if layout.decode and not explicit:
             return cache.decode_attention(layer, q[:, :, 0], layout, scale)[:, :, None]  # [B, Hq, 1, D]
+        if layout.packed and not explicit:
+            return cache.packed_attention(layer, q, layout, scale)  # [1, Hq, T, D]
         k, v, mask = cache.read(layer, layout)  # [B, Hkv, S, D] x 2, [B, 1, T, S] or None
         k, v = k.to(q.dtype), v.to(q.dtype)
     if not explicit:

@@ -62,6 +62,9 @@ class AttentionLayout:
     kv_len:     S, the key slots ``read`` returns (a decode step: the span ``decode_attention`` reads)
     seq_lens:   [B] tokens per sequence after this forward's write (cache only)
     decode:     one new token per sequence through a cache: the fused ``decode_attention`` path applies
+    packed:     several sequences' prefill chunks in one row (r4b_core/models/packed_prefill.py): the cache's
+                ``packed_attention(layer, q, layout, scale)`` attends chunk by chunk (a cache whose ``plan``
+                sets this provides it)
     attentions: collects each layer's probabilities (output_attentions=True), else None
     """
 
@@ -72,6 +75,7 @@ class AttentionLayout:
     kv_len: int = 0
     seq_lens: torch.Tensor | None = None
     decode: bool = False
+    packed: bool = False
     attentions: AttentionRecorder | None = None
 
 

@@ -271,11 +271,12 @@ class Qwen3ForCausalLM(FromPretrained, nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache: AttentionCache | None = None,
         labels: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> CausalLMOutput:
-        """``logits_to_keep=n`` computes logits for the last n positions only (0 = all).
+        """``logits_to_keep=n`` computes logits for the last n positions only (0 = all); a 1-D index
+        tensor keeps those positions, in that order (transformers' convention).
 
         ``output_hidden_states`` / ``output_attentions`` add transformers' fields of the same names
         (see the module docstring); attentions use the explicit softmax path for every layer.
@@ -284,7 +285,9 @@ class Qwen3ForCausalLM(FromPretrained, nn.Module):
         out = self.model(input_ids, inputs_embeds, position_ids, attention_mask, kv_cache,
                          output_hidden_states, output_attentions)
         hidden = out.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]  # [B, K, C]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.hook_logits(self.lm_head(hidden))
         loss = causal_lm_loss(logits, labels) if labels is not None else None

@@ -179,7 +179,7 @@ class R4BForConditionalGeneration(FromPretrained, nn.Module):
         kv_cache: AttentionCache | None = None,
         labels: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> R4BCausalLMOutput:

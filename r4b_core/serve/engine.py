@@ -2,7 +2,8 @@
 
     submit(request) ──► bounded queue ──► scheduler (serve/scheduler.py): admitted when its prompt's blocks
     fit the pool (cached prefix blocks reused) ──► each step: ONE batched decode forward over the running
-    sequences with one pending token + prefill chunks (one forward each), within ``token_budget`` tokens
+    sequences with one pending token + the prefill chunks (packed into one forward), within ``token_budget``
+    tokens
     ──► a finished, cancelled or failed request gives its blocks back at once
 
 Memory follows the tokens held: the KV cache is one pool of fixed-size blocks (models/paged_kv_cache.py)
@@ -59,7 +60,8 @@ __all__ = ["DEFAULT_KV_CACHE_TOKENS", "DEFAULT_MAX_SEQ_LEN", "DEFAULT_TOKEN_BUDG
 log = logging.getLogger("r4b.serve")
 
 _COUNTERS = ("prefill_tokens", "cached_prompt_tokens", "generated_tokens", "decode_steps", "prefill_chunks",
-             "preemptions", "finished_stop", "finished_length", "finished_cancelled", "finished_error")
+             "prefill_forwards", "preemptions", "finished_stop", "finished_length", "finished_cancelled",
+             "finished_error")
 DEFAULT_MAX_SEQ_LEN = 32768  # prompt + answer per request: an image prompt plus max_tokens=16384 fits
 DEFAULT_KV_CACHE_TOKENS = 32768  # the pool: raised to max_seq_len when that is larger
 DEFAULT_TOKEN_BUDGET = 512  # tokens per engine step (decode rows + prefill chunks)
@@ -228,9 +230,8 @@ class Engine:
                     log.info("preempted %d request(s): KV blocks ran out", len(preempted))
                 if plan.decode:
                     self._decode(plan.decode)
-                for seq, end in plan.prefills:
-                    if seq in self.scheduler.running:
-                        self._prefill(seq, end)
+                if plan.prefills:
+                    self._prefill(plan.prefills)
                 self._publish_active()
 
     def _publish_active(self) -> None:
@@ -280,18 +281,49 @@ class Engine:
                     sched.waiting.remove(seq)
                 self._finish(seq.request, "cancelled", seq)
 
-    def _prefill(self, seq: EngineSequence, end: int) -> None:
-        request = seq.request
-        if seq.num_computed == seq.cached_tokens and seq.preemptions == 0:
-            request.cached_prompt_tokens = seq.cached_tokens
+    def _prefill(self, chunks: list[tuple[EngineSequence, int]]) -> None:
+        """This step's prefill chunks: those that need only their last logits go through ONE packed forward
+        when there are several (serve/model_runner.py ``prefill_packed``); a request asking for prompt
+        logprobs, and every chunk in exact mode, gets a forward of its own. A packed forward that raises
+        is retried chunk by chunk, so only the request at fault fails."""
+        packed = [] if self.exact else [(s, e) for s, e in chunks if s.request.prompt_logprobs is None]
+        done: set[int] = set()
+        if len(packed) > 1:
+            try:
+                logits = self.runner.prefill_packed(packed)  # [k, V]
+            except Exception:
+                log.warning("a packed prefill of %d chunks failed; retrying them one at a time", len(packed),
+                            exc_info=True)
+            else:
+                self.counters["prefill_forwards"] += 1
+                for (seq, end), row in zip(packed, logits):
+                    done.add(id(seq))
+                    self._prefilled(seq, end, row[None], all_logits=False)
+        for seq, end in chunks:
+            if id(seq) not in done and seq in self.scheduler.running:
+                self._prefill_one(seq, end)
+
+    def _note_cached_prefix(self, seq: EngineSequence) -> None:
+        if seq.num_computed == seq.cached_tokens and seq.preemptions == 0:  # its first chunk
+            seq.request.cached_prompt_tokens = seq.cached_tokens
             self.counters["cached_prompt_tokens"] += seq.cached_tokens
-        all_logits = request.prompt_logprobs is not None
+
+    def _prefill_one(self, seq: EngineSequence, end: int) -> None:
+        all_logits = seq.request.prompt_logprobs is not None
         try:
             logits = self.runner.prefill(seq, end, all_logits=all_logits)
         except Exception as e:  # a bad request must not take the server down
             log.exception("prefill failed")
-            self._finish(request, "error", seq, error=f"{type(e).__name__}: {e}")
+            self._finish(seq.request, "error", seq, error=f"{type(e).__name__}: {e}")
             return
+        self.counters["prefill_forwards"] += 1
+        self._prefilled(seq, end, logits, all_logits)
+
+    def _prefilled(self, seq: EngineSequence, end: int, logits: torch.Tensor, all_logits: bool) -> None:
+        """token_ids[num_computed:end] of ``seq`` are in its blocks; ``logits`` [1, V] of the chunk's last token
+        ([T_chunk, V] with ``all_logits``). The last chunk of a prompt picks the first token."""
+        request = seq.request
+        self._note_cached_prefix(seq)
         n = end - seq.num_computed
         self.scheduler.computed(seq, n)
         self.counters["prefill_tokens"] += n

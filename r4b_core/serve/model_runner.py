@@ -6,6 +6,8 @@ vision features of recently seen images.
     prefill(seq, end)       token_ids[num_computed:end] (image features spliced in where the chunk has
                             image tokens) ─► language model ─► logits of the last position [1, V]
                             (or of every position when the request asked for prompt logprobs)
+    prefill_packed(chunks)  several sequences' chunks end to end in one row [1, T] (PackedPrefill,
+                            r4b_core/models/packed_prefill.py) ─► logits of each chunk's last position [k, V]
 
 Shapes per step are bucketed: the decode batch to the next of ``batch_buckets``, the attended length to
 ``kv_bucket(longest)`` slots, so the number of distinct shapes stays small (compiled steps, CUDA graphs).
@@ -22,6 +24,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from r4b_core.models.packed_prefill import PackedPrefill
 from r4b_core.models.paged_kv_cache import PagedKVCache, blocks_for_tokens
 from r4b_core.serve.scheduler import Sequence
 
@@ -110,6 +113,21 @@ class ModelRunner:
         else:
             out = self.lm(inputs_embeds=embeds, kv_cache=batch, logits_to_keep=keep)
         return out.logits[0] if all_logits else out.logits[:, -1]
+
+    def prefill_packed(self, chunks: Seq[tuple[Sequence, int]]) -> torch.Tensor:
+        """Run every chunk token_ids[num_computed:end] in one forward; logits [k, V] of each chunk's last token."""
+        pieces = [torch.tensor(seq.token_ids[seq.num_computed:end], dtype=torch.int64, device=self.device)[None]
+                  for seq, end in chunks]  # [1, T_i] each
+        batch = PackedPrefill(self.cache, [seq.blocks for seq, _ in chunks], [seq.num_computed for seq, _ in chunks],
+                              [end for _, end in chunks])
+        keep = batch.last_token_indices()  # [k]
+        embeds = [self._embeds(seq, ids, seq.num_computed) for (seq, _), ids in zip(chunks, pieces)]
+        if all(e is None for e in embeds):
+            out = self.lm(torch.cat(pieces, dim=1), kv_cache=batch, logits_to_keep=keep)  # [1, T] in
+        else:
+            embeds = [self.lm.model.embed_tokens(ids) if e is None else e for e, ids in zip(embeds, pieces)]
+            out = self.lm(inputs_embeds=torch.cat(embeds, dim=1), kv_cache=batch, logits_to_keep=keep)  # [1, T, C]
+        return out.logits[0]  # [k, V]
 
     # ------------------------------------------------------------------------------------------
     def _embeds(self, seq: Sequence, ids: torch.Tensor, start: int) -> torch.Tensor | None:
