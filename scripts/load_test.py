@@ -17,9 +17,8 @@ memory (RSS) after a warm-up of ``--warmup-requests`` random requests and after 
 half second in between).
 
 Without ``--url`` the script starts ``r4b serve`` itself on a free loopback port, on the synthetic
-checkpoint of ``--preset`` (default small: ``r4b make-synthetic --preset small``, cached in the r4b
-cache) or ``--model``, and stops it with SIGTERM at the end. ``--url`` must be a loopback address.
-The figures depend on the machine and on what else runs on it; say so when you report them.
+checkpoint of ``--preset`` (default small, cached in the r4b cache) or ``--model``, and stops it with
+SIGTERM at the end. ``--url`` must be a loopback address. The figures depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -356,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (default 300)")
     p.add_argument("--max-duration", type=float, default=1800.0,
                    help="stop starting requests after this many seconds (default 1800)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the server started here and of the generate() reference (default 1: on "
-                        "2 shared cores, more threads only wait on each other)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the server started here and of the generate() reference (default: what "
+                        "r4b serve picks, the physical cores, fewer on a busy machine; chosen once, used for both)")
     p.add_argument("--no-generate", action="store_true",
                    help="sweep: skip the in-process generate() reference (it needs the checkpoint: --model or --preset)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -372,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     model_dir = args.model
+    if args.threads is None:  # r4b serve's own rule (r4b_core/threads.py), fixed here so both sides share it
+        from r4b_core.threads import choose_threads, cpu_load
+        args.threads = choose_threads(None, load=cpu_load()).threads
     if args.url is None:
         from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             report = soak(args, url, model, deadline, pid)
     finally:
         status = server.stop() if server else None
-    report.update(url=url, model=model, server_exit_status=status, cpu_count=os.cpu_count(),
+    report.update(url=url, model=model, server_exit_status=status, cpu_count=os.cpu_count(), threads=args.threads,
                   load_average=os.getloadavg())
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     groups = report["levels"].values() if args.mode == "sweep" else [report]
@@ -410,7 +412,8 @@ def _s(value: float | None) -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"server {report['url']} model {report['model']}; {report['cpu_count']} CPUs, load average "
+    lines = [f"server {report['url']} model {report['model']}; {report['cpu_count']} CPUs, {report['threads']} "
+             f"threads, load average "
              f"{', '.join(f'{x:.1f}' for x in report['load_average'])} (a shared machine: figures are indicative)"]
     if report["mode"] == "sweep":
         lines.append(f"{report['max_tokens']} tokens per request (ignore_eos), {report['prompt_words']}-word prompt, "

@@ -16,11 +16,16 @@ same image skips the cached prefix, and the image features of recently seen imag
 vision tower is skipped when a chunk still needs them). When blocks run out the newest running request is
 preempted and recomputed later (it loses nothing; its client sees a pause).
 
+A step's prefill chunks run as ONE packed forward (models/packed_prefill.py: chunks end to end in one row,
+each attending to its own sequence), so k short prompts admitted together read every weight once, not k
+times; a request asking for prompt logprobs keeps a forward of its own.
+
 Exactness: a row's arithmetic now depends on its batch bucket, its attended-length bucket, on prefix-cache
-hits and on where its prompt was chunked, so a request's greedy tokens alone and among others agree up to
-floating-point ties (measured: BENCHMARKS.md). ``exact=True`` restores the old guarantee: every decode step
-runs ``max_batch_size`` rows over ``max_seq_len`` slots, prompts are prefilled whole and never taken from
-the prefix cache, so a request's tokens do not depend on its neighbours (at the old per-step cost).
+hits, on where its prompt was chunked and on the chunks packed beside it, so a request's greedy tokens alone
+and among others agree up to floating-point ties (measured with scripts/measure_agreement.py: BENCHMARKS.md).
+``exact=True`` restores the old guarantee: every decode step runs ``max_batch_size`` rows over
+``max_seq_len`` slots, prompts are prefilled whole, one per forward, and never taken from the prefix cache,
+so a request's tokens do not depend on its neighbours (at the old per-step cost).
 
 Only the engine thread runs forwards. Other threads talk to it through ``submit`` (``QueueFullError`` past
 ``max_queue`` waiting requests, ``EngineStoppedError`` once shutdown began), ``EngineRequest.cancel()``

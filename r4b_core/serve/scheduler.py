@@ -1,8 +1,8 @@
 """Which sequences run in the next engine step, and which KV blocks they hold (no tensors here).
 
 One step = one batched decode forward over every running sequence that has a single pending token, plus
-prefill chunks of the sequences still prefilling (oldest first, one forward each) sized so that decode
-tokens + chunk tokens stay within ``token_budget``. So a long prompt is prefilled a chunk per step while the
+prefill chunks of the sequences still prefilling (oldest first; the engine runs them as one packed forward),
+sized so that decode tokens + chunk tokens stay within ``token_budget``. So a long prompt is prefilled a chunk per step while the
 running streams keep decoding (chunked prefill), instead of stalling them for its whole prefill, and short
 prompts admitted together are all prefilled in their first step (the next decode batch is full at once).
 
