@@ -45,6 +45,29 @@ def test_chunked_prefill_and_decode_through_blocks_equal_the_static_cache(decode
 
 
 @torch.no_grad()
+def test_decode_steps_gather_into_one_reused_scratch_buffer_and_match_the_static_cache(decoder):
+    model, config = decoder
+    ids = torch.randint(0, 1000, (1, 30))
+    static = KVCache.for_model(config, 1, 64)
+    model(ids, kv_cache=static)
+    pool = PagedKVCache.for_model(config, num_tokens=256, block_size=16)
+    table = [5, 2, 8, 11]
+    model(ids, kv_cache=pool.batch([table[:2]], [0]))
+    pointers = []
+    for step, capacity in enumerate((64, 32, 48, 64)):  # the widest span first: later steps fit its buffer
+        token = torch.tensor([[10 + step]])
+        expected = model(token, kv_cache=static).logits
+        got = model(token, kv_cache=pool.batch([table], [30 + step], capacity=capacity)).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+        pointers.append(pool.scratch(1).data_ptr())
+    assert len(set(pointers)) == 1  # every layer of every step gathered into the same memory
+    k_rows = pool.k[-1, table].reshape(-1)  # the last layer's K blocks of the last (64-slot) step
+    v_rows = pool.v[-1, table].reshape(-1)
+    assert torch.equal(pool.scratch(2 * k_rows.numel()), torch.cat([k_rows, v_rows]))  # ... are what it holds
+    assert pool.scratch(10**7).data_ptr() != pointers[0]  # grown when too small
+
+
+@torch.no_grad()
 def test_attention_probabilities_through_the_paged_cache(decoder):
     model, config = decoder
     ids = torch.randint(0, 1000, (1, 21))
