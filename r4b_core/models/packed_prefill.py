@@ -103,12 +103,11 @@ class PackedPrefill(PagedBatch):
 
     def packed_attention(self, layer: int, q: torch.Tensor, layout: AttentionLayout, scale: float) -> torch.Tensor:
         """q [1, Hq, T, D] -> [1, Hq, T, D]: each chunk's queries against its own sequence's keys."""
-        out = []
+        out, scratch = [], not torch.compiler.is_compiling()  # chunk i's K/V are used up before chunk i + 1's gather
         for i, (start, end) in enumerate(zip(self.starts, self.ends)):
             q_i = q[:, :, self.offsets[i]:self.offsets[i + 1]]  # [1, Hq, T_i, D]
-            k_i, v_i = (pool.index_select(0, self._key_blocks[i]).view(1, -1, *pool.shape[2:])[:, :end]
-                        .transpose(1, 2).to(q.dtype)  # [1, H_kv, end_i, D]
-                        for pool in (self.pool.k[layer], self.pool.v[layer]))
+            k_i, v_i = (x.view(1, -1, *x.shape[2:])[:, :end].transpose(1, 2).to(q.dtype)  # [1, H_kv, end_i, D]
+                        for x in self.pool.gather_blocks(layer, self._key_blocks[i], scratch))  # [n_i, bs, H_kv, D]
             mask = None
             if start:  # after stored tokens: causal over positions
                 key_pos = torch.arange(end, device=q.device)  # [end_i]

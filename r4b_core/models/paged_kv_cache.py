@@ -116,6 +116,19 @@ class PagedKVCache:
             self._scratch = torch.empty(numel, dtype=self.k.dtype, device=self.k.device)
         return self._scratch[:numel]
 
+    def gather_blocks(self, layer: int, index: torch.Tensor, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer's blocks ``index`` [n], copied: [n, bs, H_kv, D] each. ``scratch``: copied into
+        ``scratch()``, which the next such gather overwrites (for a caller done with K and V before it gathers
+        again: the decode step, a packed prefill's chunk)."""
+        row = self.block_size * self.k.shape[3] * self.k.shape[4]  # bs * H_kv * D elements per block
+        buffer = self.scratch(2 * index.numel() * row).view(2, index.numel(), row) if scratch else None
+        out = []
+        for i, pool in enumerate((self.k[layer], self.v[layer])):
+            flat = pool.view(pool.shape[0], row)  # [N, bs * H_kv * D]: one row per block
+            rows = flat.index_select(0, index) if buffer is None else torch.index_select(flat, 0, index, out=buffer[i])
+            out.append(rows.view(index.numel(), *pool.shape[1:]))  # [n, bs, H_kv, D]
+        return out[0], out[1]
+
     def zero_blocks(self, blocks: Sequence[int]) -> None:
         """Zero these blocks in every layer (a request whose K/V went non-finite gives them back clean)."""
         if blocks:
@@ -202,25 +215,16 @@ class PagedBatch:
             flat[layout.slots] = new.transpose(1, 2).to(flat.dtype)  # [B, T, H_kv, D]
 
     def gather(self, layer: int, kv_len: int, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [0, kv_len) of every sequence: K and V [B, H_kv, kv_len, D] copied from their blocks.
-
-        ``scratch``: copy into the pool's scratch buffer (``PagedKVCache.scratch``), which the next gather
-        overwrites; only for a caller that is done with K and V before it gathers again (the decode step)."""
+        """Positions [0, kv_len) of every sequence: K and V [B, H_kv, kv_len, D] copied from their blocks
+        (into the pool's scratch buffer with ``scratch``: see ``PagedKVCache.gather_blocks``)."""
         bs = self.pool.block_size
         n = blocks_for_tokens(kv_len, bs)
         index = self._read_index.get(n)
         if index is None:
             index = self._read_index[n] = self.block_table[:, :n].reshape(-1)  # [B * n]
-        pools = (self.pool.k[layer], self.pool.v[layer])
-        row = pools[0][0].numel()  # bs * H_kv * D elements per block
-        buffer = self.pool.scratch(2 * index.numel() * row).view(2, index.numel(), row) if scratch else None
-        out = []
-        for i, pool in enumerate(pools):
-            flat = pool.view(pool.shape[0], row)  # [N, bs * H_kv * D]: one row per block
-            rows = flat.index_select(0, index) if buffer is None else torch.index_select(flat, 0, index, out=buffer[i])
-            gathered = rows.view(self.batch_size, n * bs, *pool.shape[2:])  # [B, n*bs, H_kv, D]
-            out.append(gathered[:, :kv_len].transpose(1, 2))  # [B, H_kv, kv_len, D]
-        return out[0], out[1]
+        k, v = self.pool.gather_blocks(layer, index, scratch)  # [B * n, bs, H_kv, D] each
+        return tuple(x.view(self.batch_size, n * bs, *x.shape[2:])[:, :kv_len].transpose(1, 2)  # [B, H_kv, kv_len, D]
+                     for x in (k, v))
 
     def read(self, layer: int, layout: AttentionLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """K, V [B, H_kv, S, D] and the mask [B, 1, T, S] or None. A decode step read this way (explicit

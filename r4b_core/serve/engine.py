@@ -288,17 +288,18 @@ class Engine:
 
     def _prefill(self, chunks: list[tuple[EngineSequence, int]]) -> None:
         """This step's prefill chunks: those that need only their last logits go through ONE packed forward
-        when there are several (serve/model_runner.py ``prefill_packed``); a request asking for prompt
-        logprobs, and every chunk in exact mode, gets a forward of its own. A packed forward that raises
-        is retried chunk by chunk, so only the request at fault fails."""
+        (serve/model_runner.py ``prefill_packed``; a lone chunk too: one path for every chunk); a request
+        asking for prompt logprobs, and every chunk in exact mode, gets a forward of its own. A packed
+        forward of several chunks that raises is retried chunk by chunk, so only the request at fault fails."""
         packed = [] if self.exact else [(s, e) for s, e in chunks if s.request.prompt_logprobs is None]
         done: set[int] = set()
-        if len(packed) > 1:
+        if packed:
             try:
                 logits = self.runner.prefill_packed(packed)  # [k, V]
             except Exception:
-                log.warning("a packed prefill of %d chunks failed; retrying them one at a time", len(packed),
-                            exc_info=True)
+                if len(packed) > 1:
+                    log.warning("a packed prefill of %d chunks failed; retrying them one at a time", len(packed),
+                                exc_info=True)
             else:
                 self.counters["prefill_forwards"] += 1
                 for (seq, end), row in zip(packed, logits):
