@@ -67,7 +67,7 @@ class PackedPrefill(PagedBatch):
             self.offsets.append(self.offsets[-1] + end - start)
         # the blocks of each sequence's keys [0, end_i), one index per sequence (the chunk's attention reads them)
         self._key_blocks = [table[i, :blocks_for_tokens(end, bs)].to(device) for i, end in enumerate(self.ends)]
-        self._full_read: tuple[torch.Tensor, torch.Tensor] | None = None  # (block index, mask) of the explicit path
+        self._full_read: tuple[torch.Tensor, torch.Tensor] | None = None  # (key slots [S], mask) of the explicit path
 
     @property
     def batch_size(self) -> int:
