@@ -156,6 +156,28 @@ def test_prepacked_linear_equals_the_plain_linear_without_keeping_the_plain_weig
     assert (y.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
+@needs_onednn
+@pytest.mark.parametrize("capability, rows, through_mkl", [("AVX2", 1100, True), ("AVX2", 1000, False),
+                                                           ("AVX512", 1100, False)])
+def test_many_float32_rows_on_an_avx2_cpu_run_through_mkl_on_the_unpacked_weight(monkeypatch, capability, rows,
+                                                                                 through_mkl):
+    from r4b_core.models import fast_linears as module
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    layer = _linear(256, 160, bias=True)
+    packed = PrepackedLinear(layer)
+    calls = []
+    plain_linear = F.linear
+    monkeypatch.setattr(module.F, "linear", lambda *args: calls.append(args[0].shape) or plain_linear(*args))
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5))
+    y = packed(x)
+    assert calls == ([x.shape] if through_mkl else [])
+    expected = plain_linear(x, layer.weight, layer.bias)
+    if through_mkl:  # the same GEMM on the same (unpacked) weight: bit-identical
+        assert torch.equal(y, expected)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_prepacked_row_counts_are_few_and_waste_little():
     # oneDNN keeps memory per distinct row count: a server's random prompt lengths must meet a bounded set
     counts = {m: padded_rows(m) for m in range(1, 4097)}

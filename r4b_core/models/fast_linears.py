@@ -8,7 +8,9 @@ so its speed is the speed at which the weights stream from memory. Two replaceme
   (``mkldnn._reorder_linear_weight``) and run with ``mkldnn._linear_pointwise``; the plain weight is not
   kept (``weight`` and the state_dict unpack it on demand), so memory does not grow. Measured on the
   2-core AVX-512 BF16 CPU of BENCHMARKS.md: ``F.linear`` streams the weights at 15-21 GB/s there (float32
-  and bf16 alike), the prepacked call at 36-48 GB/s; prefill GEMMs get faster too.
+  and bf16 alike), the prepacked call at 36-48 GB/s; prefill GEMMs get faster too. Except on an AVX2-only
+  CPU in float32: from ``UNPACKED_GEMM_ROWS`` rows on (a whole image prompt, the vision tower) MKL's GEMM on
+  the weight unpacked for the call is faster there (a 2,961-token image prefill 7.24 -> 6.46 s, small preset).
 - ``int8``: weight-only int8 with one scale per output channel (symmetric, round to nearest): 1 byte
   per weight instead of 2 (bf16) or 4 (fp32). Activations run in bfloat16 through
   ``aten._weight_int8pack_mm``; outputs are cast back to the input's dtype. Long inputs (prefill, more
@@ -36,6 +38,7 @@ QUANTIZE_MODES = ("none", "int8", "prepacked")
 CLI_CHOICES = ("auto", "none", "int8")  # --quantize; auto = prepacked where it applies (fast_linears)
 INT8_KERNEL_MAX_ROWS = 64  # rows (tokens x batch) up to which the int8 GEMV kernel runs; above: dequantize + GEMM
 PACKED_EXACT_ROWS = 16  # prepacked calls of up to this many rows run unpadded (see padded_rows)
+UNPACKED_GEMM_ROWS = 1024  # from this many rows, float32 on an AVX2-only CPU: MKL on the unpacked weight (forward)
 _INT8_K_MULTIPLE = 64  # the CPU int8 kernel reads garbage for some other input widths (seen with K = 8, 36, 100)
 
 
@@ -123,6 +126,10 @@ class PrepackedLinear(nn.Module):
         self.in_features, self.out_features, self.rows_hint = linear.in_features, linear.out_features, rows_hint
         self.bias = linear.bias
         self._pack(weight.detach())
+        # measured on an AVX2-only EPYC (2 threads): at 3,008 rows a 3072x1024 weight took 146 ms packed vs 115 ms
+        # through MKL (9728x2560: 1012 vs 880 ms) and unpacking costs 1.5-40 ms; at 64 rows packed is faster.
+        # On the AVX-512 host of BENCHMARKS.md packed GEMMs were faster at every size, so this is AVX2 only.
+        self._unpack_rows = UNPACKED_GEMM_ROWS if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
 
     def _pack(self, weight: torch.Tensor) -> None:
         self.dtype = weight.dtype
@@ -140,6 +147,8 @@ class PrepackedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.detach()
         rows = x.reshape(-1, self.in_features)  # [M, K]
         m = rows.shape[0]
+        if self._unpack_rows is not None and m >= self._unpack_rows and self.dtype == torch.float32:
+            return F.linear(x, self._packed.to_dense(), bias)  # deliberate: see __init__
         padded = padded_rows(m)
         if padded != m:  # [M, K] -> [padded, K]: zero rows, dropped again below
             rows = F.pad(rows, (0, 0, 0, padded - m))
