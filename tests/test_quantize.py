@@ -157,19 +157,21 @@ def test_prepacked_linear_equals_the_plain_linear_without_keeping_the_plain_weig
 
 
 @needs_onednn
-@pytest.mark.parametrize("capability, rows, through_mkl", [("AVX2", 1100, True), ("AVX2", 1000, False),
-                                                           ("AVX512", 1100, False)])
+@pytest.mark.parametrize("capability, rows, width, through_mkl", [
+    ("AVX2", 1100, 256, True), ("AVX2", 1000, 256, False),  # below UNPACKED_GEMM_ROWS
+    ("AVX2", 1100, 1200, False),  # the unpacked weight would outgrow the output
+    ("AVX512", 1100, 256, False)])
 def test_many_float32_rows_on_an_avx2_cpu_run_through_mkl_on_the_unpacked_weight(monkeypatch, capability, rows,
-                                                                                 through_mkl):
+                                                                                 width, through_mkl):
     from r4b_core.models import fast_linears as module
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    layer = _linear(256, 160, bias=True)
+    layer = _linear(width, 160, bias=True)
     packed = PrepackedLinear(layer)
     calls = []
     plain_linear = F.linear
     monkeypatch.setattr(module.F, "linear", lambda *args: calls.append(args[0].shape) or plain_linear(*args))
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(5))
     y = packed(x)
     assert calls == ([x.shape] if through_mkl else [])
     expected = plain_linear(x, layer.weight, layer.bias)

@@ -10,7 +10,8 @@ so its speed is the speed at which the weights stream from memory. Two replaceme
   2-core AVX-512 BF16 CPU of BENCHMARKS.md: ``F.linear`` streams the weights at 15-21 GB/s there (float32
   and bf16 alike), the prepacked call at 36-48 GB/s; prefill GEMMs get faster too. Except on an AVX2-only
   CPU in float32: from ``UNPACKED_GEMM_ROWS`` rows on (a whole image prompt, the vision tower) MKL's GEMM on
-  the weight unpacked for the call is faster there (a 2,961-token image prefill 7.24 -> 6.46 s, small preset).
+  the weight unpacked for the call is faster there, used when the weight is no larger than the output (a
+  2,961-token image prefill 7.24 -> 6.79 s, small preset).
 - ``int8``: weight-only int8 with one scale per output channel (symmetric, round to nearest): 1 byte
   per weight instead of 2 (bf16) or 4 (fp32). Activations run in bfloat16 through
   ``aten._weight_int8pack_mm``; outputs are cast back to the input's dtype. Long inputs (prefill, more
@@ -38,7 +39,7 @@ QUANTIZE_MODES = ("none", "int8", "prepacked")
 CLI_CHOICES = ("auto", "none", "int8")  # --quantize; auto = prepacked where it applies (fast_linears)
 INT8_KERNEL_MAX_ROWS = 64  # rows (tokens x batch) up to which the int8 GEMV kernel runs; above: dequantize + GEMM
 PACKED_EXACT_ROWS = 16  # prepacked calls of up to this many rows run unpadded (see padded_rows)
-UNPACKED_GEMM_ROWS = 1024  # from this many rows, float32 on an AVX2-only CPU: MKL on the unpacked weight (forward)
+UNPACKED_GEMM_ROWS = 1024  # from this many rows (and in_features), float32, AVX2-only CPU: MKL, unpacked weight
 _INT8_K_MULTIPLE = 64  # the CPU int8 kernel reads garbage for some other input widths (seen with K = 8, 36, 100)
 
 
@@ -147,8 +148,10 @@ class PrepackedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.detach()
         rows = x.reshape(-1, self.in_features)  # [M, K]
         m = rows.shape[0]
-        if self._unpack_rows is not None and m >= self._unpack_rows and self.dtype == torch.float32:
-            return F.linear(x, self._packed.to_dense(), bias)  # deliberate: see __init__
+        # deliberate (see __init__); m >= K: the unpacked weight [N, K] is never larger than the output [m, N]
+        unpack = self._unpack_rows is not None and self.dtype == torch.float32
+        if unpack and m >= max(self._unpack_rows, self.in_features):
+            return F.linear(x, self._packed.to_dense(), bias)
         padded = padded_rows(m)
         if padded != m:  # [M, K] -> [padded, K]: zero rows, dropped again below
             rows = F.pad(rows, (0, 0, 0, padded - m))
