@@ -1,4 +1,5 @@
-"""Print the short table that ends scripts/device_check.sh, from its two JSON files."""
+"""Print the short table that ends scripts/device_check.sh, from its JSON files (kernel, bench, and the engine's
+greedy agreement when given)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ def fmt(x, spec: str = ".1f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def main(kernel_path: str, bench_path: str) -> int:
+def main(kernel_path: str, bench_path: str, agreement_path: str | None = None) -> int:
     kernel = json.load(open(kernel_path))
     bench = json.load(open(bench_path))
+    agreement = json.load(open(agreement_path)) if agreement_path else None
     ok = all(r["passed"] for r in kernel["correctness"])
     print()
     print(f"== device check on {kernel['device']} ==")
@@ -33,6 +35,11 @@ def main(kernel_path: str, bench_path: str) -> int:
                   f"{fmt(r.get('paged_vs_contiguous'), '.2f'):>11}x {fmt(r.get('paged_sdpa_us')):>13} "
                   f"{fmt(r['sdpa_flash_us']):>9} {fmt(r['sdpa_efficient_us']):>9} {r['roofline_us']:>12.1f} "
                   f"{100 * r['fraction_of_copy_bandwidth']:>10.1f}%")
+    if agreement is not None:
+        print(f"engine greedy tokens alone vs {agreement['concurrency']} together ({agreement['device']}, "
+              f"{agreement['dtype']}, packed prefill + paged {agreement['decode_backend']} decode): {agreement['identical']}/"
+              f"{agreement['requests']} identical, {agreement['tokens_before_first_difference']}/"
+              f"{agreement['tokens']} tokens before the first difference")
     print(f"r4b bench · {bench['model']} · {bench['dtype']} · prompt {bench['prompt_tokens']} · "
           f"{bench['max_new_tokens']} new tokens")
     prefill = bench.get("prefill", {})
@@ -52,4 +59,4 @@ def main(kernel_path: str, bench_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:4]))

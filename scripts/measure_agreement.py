@@ -1,6 +1,7 @@
 """How far a request's greedy tokens depend on its neighbours in the engine's default (non-exact) mode (issue 17).
 
     python scripts/measure_agreement.py [CHECKPOINT] [--prompts 24] [--max-tokens 48] [--concurrency 8] [--threads 2]
+                                        [--device cpu] [--dtype float32] [--preset small] [--exact] [--json PATH]
 
 The engine (r4b_core/serve/engine.py) is run in-process on the server's weights (oneDNN-prepacked linears
 for ``--concurrency`` rows, as ``r4b serve`` loads them). Every prompt (random words, random lengths) runs
@@ -8,12 +9,14 @@ alone first; then all of them run again, ``--concurrency`` at a time, in groups 
 prefills are packed into one forward and they decode in one batch), with the groups' lengths mixed. The
 crowded tokens are compared with the alone tokens: how many requests match exactly, and for the others
 where the first differing token is. With ``--exact`` the engine runs in its exact mode, where every request
-must match. No CHECKPOINT: the small synthetic preset (cached).
+must match. No CHECKPOINT: the ``--preset`` synthetic checkpoint (cached). ``--json`` also writes the figures
+(scripts/device_check.sh runs this on the GPU: the paged Triton decode kernel beside packed prefills).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     p.add_argument("--exact", action="store_true", help="the engine's exact mode (every request must match)")
+    p.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="default float32")
+    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="no CHECKPOINT: this synthetic one")
+    p.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = p.parse_args(argv)
     if min(args.prompts, args.max_tokens, args.concurrency, args.threads) < 1:
         p.error("--prompts, --max-tokens, --concurrency and --threads must be at least 1")
@@ -72,15 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is None:
         from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
-        args.checkpoint = str(cached_synthetic_checkpoint("small"))
-    model = R4BForConditionalGeneration.from_pretrained(args.checkpoint, progress=False).eval()
-    fast_linears(model, "auto", rows_hint=args.concurrency)
+        args.checkpoint = str(cached_synthetic_checkpoint(args.preset))
+    model = R4BForConditionalGeneration.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype),
+                                                        device=args.device, progress=False).eval()
+    fast_linears(model, "auto", rows_hint=args.concurrency)  # the server's linears (prepacked on a CPU only)
     rng = random.Random(args.seed)
     vocab = model.config.text_config.vocab_size
     prompts = [torch.tensor([[rng.randrange(10, min(vocab, 50000)) for _ in range(rng.randint(4, 120))]])
                for _ in range(args.prompts)]
     engine = Engine(model, max_batch_size=args.concurrency, max_seq_len=1024, eos_token_ids=[], pad_token_id=0,
                     exact=args.exact).start()
+    backend = engine.cache.decode_backend  # "triton" on a GPU whose kernel takes the shapes, else "sdpa"
     try:
         alone = run_all(engine, prompts, args.max_tokens, 1)
         order = list(range(len(prompts)))
@@ -95,10 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     differing = [d for d in first_diff if d is not None]
     same_tokens = sum(d if d is not None else len(x) for d, x in zip(first_diff, alone))
     mode = "exact" if args.exact else "default"
+    total = len(prompts) * args.max_tokens
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype, "mode": mode,
+                       "decode_backend": backend, "concurrency": args.concurrency, "requests": len(prompts),
+                       "identical": len(prompts) - len(differing), "tokens": total,
+                       "tokens_before_first_difference": same_tokens, "first_differences": sorted(differing)},
+                      f, indent=2)
     print(f"{args.checkpoint}; engine {mode} mode; {args.prompts} prompts of 4-120 tokens, {args.max_tokens} greedy "
-          f"tokens each; alone vs {args.concurrency} submitted together; {args.threads} threads")
+          f"tokens each; alone vs {args.concurrency} submitted together; {args.threads} threads; {args.device}, "
+          f"{args.dtype}, {backend} decode")
     print(f"identical token lists: {len(prompts) - len(differing)}/{len(prompts)}; tokens before the first "
-          f"difference: {same_tokens}/{len(prompts) * args.max_tokens} ({100 * same_tokens / (len(prompts) * args.max_tokens):.1f} %)")
+          f"difference: {same_tokens}/{total} ({100 * same_tokens / total:.1f} %)")
     if differing:
         print(f"first differing token (0 = the first new token): {sorted(differing)}; median "
               f"{statistics.median(differing)}")

@@ -22,6 +22,9 @@ def test_device_check_dry_run(tmp_path):
     assert kernel["correctness"] and all(r["passed"] for r in kernel["correctness"])
     assert {r["context"] for r in kernel["timing"]["rows"]} == {64, 128}
     assert bench["decode_tokens_per_s_float32"] > 0 and bench["batch1_throughput_ratio_ours_vs_transformers"] > 0
+    agreement = json.loads((tmp_path / "agreement.json").read_text())
+    assert agreement["requests"] == 4 and agreement["tokens"] == 16 and agreement["mode"] == "default"
     table = result.stdout.splitlines()
+    assert any(line.startswith("engine greedy tokens alone vs 2 together (cpu") for line in table)
     assert any(line.startswith("== device check") for line in table)  # the short table comes last
     assert "ours / transformers" in table[-1]
