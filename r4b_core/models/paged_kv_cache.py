@@ -109,7 +109,7 @@ class PagedKVCache:
 
     def scratch(self, numel: int) -> torch.Tensor:
         """A flat buffer of ``numel`` elements, the same memory on every call (grown when too small, never shrunk):
-        what a decode step gathers its K/V into. A fresh multi-MiB tensor per layer and step was mapped anew by
+        what a decode step gathers its K/V into (so one forward at a time per pool, as the engine runs them). A fresh multi-MiB tensor per layer and step was mapped anew by
         malloc every time (small preset, 2 threads: 32k page faults per step at batch 1 over 2,048 tokens, 119 -> 67 ms
         per step with the buffer reused; 8,192 tokens 314 -> 178 ms; batch 8 over 1,000 tokens 200 -> 111 ms)."""
         if self._scratch is None or self._scratch.numel() < numel:
