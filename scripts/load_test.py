@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-duration", type=float, default=1800.0,
                    help="stop starting requests after this many seconds (default 1800)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of the server started here and of the generate() reference (default: what "
-                        "r4b serve picks, the physical cores, fewer on a busy machine; chosen once, used for both)")
+                   help="torch threads of the server started here and of the generate() reference (default: the "
+                        "physical cores, what r4b serve uses on an idle machine; fixed, so runs compare)")
     p.add_argument("--no-generate", action="store_true",
                    help="sweep: skip the in-process generate() reference (it needs the checkpoint: --model or --preset)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -371,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     model_dir = args.model
-    if args.threads is None:  # r4b serve's own rule (r4b_core/threads.py), fixed here so both sides share it
-        from r4b_core.threads import choose_threads, cpu_load
-        args.threads = choose_threads(None, load=cpu_load()).threads
+    if args.threads is None:  # not r4b serve's load-aware rule: its 1-minute load average lags a run behind
+        from r4b_core.threads import physical_cores
+        args.threads = physical_cores()
     if args.url is None:
         from r4b_core.reference.synthetic import cached_synthetic_checkpoint
 
