@@ -291,7 +291,8 @@ class Engine:
         (serve/model_runner.py ``prefill_packed``; a lone chunk too: one path for every chunk); a request
         asking for prompt logprobs, and every chunk in exact mode, gets a forward of its own. A packed
         forward of several chunks that raises is retried chunk by chunk, so only the request at fault fails."""
-        packed = [] if self.exact else [(s, e) for s, e in chunks if s.request.prompt_logprobs is None]
+        running = [(s, e) for s, e in chunks if s in self.scheduler.running]
+        packed = [] if self.exact else [(s, e) for s, e in running if s.request.prompt_logprobs is None]
         done: set[int] = set()
         if packed:
             try:
@@ -305,7 +306,7 @@ class Engine:
                 for (seq, end), row in zip(packed, logits):
                     done.add(id(seq))
                     self._prefilled(seq, end, row[None], all_logits=False)
-        for seq, end in chunks:
+        for seq, end in running:
             if id(seq) not in done and seq in self.scheduler.running:
                 self._prefill_one(seq, end)
 
