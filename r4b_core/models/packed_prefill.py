@@ -34,7 +34,7 @@ import torch
 from r4b_core.models.attention import attention
 from r4b_core.models.cache_interface import AttentionLayout
 from r4b_core.models.kv_cache import CacheOverflowError
-from r4b_core.models.paged_kv_cache import NULL_BLOCK, PagedBatch, PagedKVCache, blocks_for_tokens
+from r4b_core.models.paged_kv_cache import PagedBatch, PagedKVCache, blocks_for_tokens, padded_block_table
 
 
 class PackedPrefill(PagedBatch):
@@ -55,18 +55,15 @@ class PackedPrefill(PagedBatch):
                 raise CacheOverflowError(f"PackedPrefill: sequence {i} would hold {end} tokens but its {held} "
                                          f"{len(blocks) * bs}; allocate blocks before the forward.")
         device = pool.k.device
-        longest = max(len(t) for t in block_tables)
-        table = torch.full((len(block_tables), longest), NULL_BLOCK, dtype=torch.int64)
-        for i, blocks in enumerate(block_tables):
-            table[i, :len(blocks)] = torch.as_tensor(list(blocks), dtype=torch.int64)
-        super().__init__(pool, table.to(device), torch.tensor(list(ends), dtype=torch.int32, device=device),
+        table = padded_block_table(block_tables, max(len(t) for t in block_tables), device)
+        super().__init__(pool, table, torch.tensor(list(ends), dtype=torch.int32, device=device),
                          [int(e) for e in ends])
         self.starts, self.ends = [int(s) for s in starts], [int(e) for e in ends]
         self.offsets = [0]  # token offset of each chunk in the row, and the total last
         for start, end in zip(self.starts, self.ends):
             self.offsets.append(self.offsets[-1] + end - start)
         # the blocks of each sequence's keys [0, end_i), one index per sequence (the chunk's attention reads them)
-        self._key_blocks = [table[i, :blocks_for_tokens(end, bs)].to(device) for i, end in enumerate(self.ends)]
+        self._key_blocks = [table[i, :blocks_for_tokens(end, bs)] for i, end in enumerate(self.ends)]
         self._full_read: tuple[torch.Tensor, torch.Tensor] | None = None  # (key slots [S], mask) of the explicit path
 
     @property

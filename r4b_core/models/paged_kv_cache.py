@@ -55,6 +55,14 @@ def blocks_for_tokens(n_tokens: int, block_size: int) -> int:
     return -(-n_tokens // block_size)
 
 
+def padded_block_table(block_tables: Sequence[Sequence[int]], n_blocks: int, device: torch.device) -> torch.Tensor:
+    """[B, n_blocks] int64: row b is ``block_tables[b]`` padded with the null block."""
+    table = torch.full((len(block_tables), n_blocks), NULL_BLOCK, dtype=torch.int64)
+    for b, blocks in enumerate(block_tables):
+        table[b, :len(blocks)] = torch.as_tensor(list(blocks), dtype=torch.int64)
+    return table.to(device)
+
+
 class PagedKVCache:
     """The block pool's storage: ``num_blocks`` blocks (block 0 the null block) of ``block_size`` slots."""
 
@@ -109,14 +117,16 @@ class PagedKVCache:
 
     def scratch(self, numel: int) -> torch.Tensor:
         """A flat buffer of ``numel`` elements, the same memory on every call (grown when too small, never shrunk):
-        what a decode step gathers its K/V into (so one forward at a time per pool, as the engine runs them). A fresh multi-MiB tensor per layer and step was mapped anew by
-        malloc every time (small preset, 2 threads: 32k page faults per step at batch 1 over 2,048 tokens, 119 -> 67 ms
-        per step with the buffer reused; 8,192 tokens 314 -> 178 ms; batch 8 over 1,000 tokens 200 -> 111 ms)."""
+        what a decode step gathers its K/V into (so one forward at a time per pool, as the engine runs them).
+        A fresh multi-MiB tensor per layer and step was mapped anew by malloc every time (small preset, 2
+        threads: 32k page faults per step at batch 1 over 2,048 tokens, 119 -> 67 ms per step with the buffer
+        reused; 8,192 tokens 314 -> 178 ms; batch 8 over 1,000 tokens 200 -> 111 ms)."""
         if self._scratch is None or self._scratch.numel() < numel:
             self._scratch = torch.empty(numel, dtype=self.k.dtype, device=self.k.device)
         return self._scratch[:numel]
 
-    def gather_blocks(self, layer: int, index: torch.Tensor, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_blocks(self, layer: int, index: torch.Tensor,
+                      scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer's blocks ``index`` [n], copied: [n, bs, H_kv, D] each. ``scratch``: copied into
         ``scratch()``, which the next such gather overwrites (for a caller done with K and V before it gathers
         again: the decode step, a packed prefill's chunk)."""
@@ -145,11 +155,9 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache.batch: {len(block_tables)} block tables for {len(seq_lens)} lengths.")
         longest = max(len(t) for t in block_tables)
         n_blocks = max(longest, blocks_for_tokens(capacity, self.block_size) if capacity else 1)
-        table = torch.full((len(block_tables), n_blocks), NULL_BLOCK, dtype=torch.int64)
-        for b, blocks in enumerate(block_tables):
-            table[b, :len(blocks)] = torch.as_tensor(list(blocks), dtype=torch.int64)
+        table = padded_block_table(block_tables, n_blocks, self.k.device)
         lens = torch.tensor(list(seq_lens), dtype=torch.int32)
-        return PagedBatch(self, table.to(self.k.device), lens.to(self.k.device), [int(n) for n in seq_lens])
+        return PagedBatch(self, table, lens.to(self.k.device), [int(n) for n in seq_lens])
 
 
 class PagedBatch:

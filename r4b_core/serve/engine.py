@@ -291,9 +291,8 @@ class Engine:
         (serve/model_runner.py ``prefill_packed``; a lone chunk too: one path for every chunk); a request
         asking for prompt logprobs, and every chunk in exact mode, gets a forward of its own. A packed
         forward of several chunks that raises is retried chunk by chunk, so only the request at fault fails."""
-        running = [(s, e) for s, e in chunks if s in self.scheduler.running]
-        packed = [] if self.exact else [(s, e) for s, e in running if s.request.prompt_logprobs is None]
-        done: set[int] = set()
+        alone = [(s, e) for s, e in chunks if s in self.scheduler.running]
+        packed = [] if self.exact else [(s, e) for s, e in alone if s.request.prompt_logprobs is None]
         if packed:
             try:
                 logits = self.runner.prefill_packed(packed)  # [k, V]
@@ -304,11 +303,10 @@ class Engine:
             else:
                 self.counters["prefill_forwards"] += 1
                 for (seq, end), row in zip(packed, logits):
-                    done.add(id(seq))
                     self._prefilled(seq, end, row[None], all_logits=False)
-        for seq, end in running:
-            if id(seq) not in done and seq in self.scheduler.running:
-                self._prefill_one(seq, end)
+                alone = [chunk for chunk in alone if chunk not in packed]
+        for seq, end in alone:  # a forward each (one request's failure finishes that request only)
+            self._prefill_one(seq, end)
 
     def _note_cached_prefix(self, seq: EngineSequence) -> None:
         if seq.num_computed == seq.cached_tokens and seq.preemptions == 0:  # its first chunk

@@ -2,9 +2,10 @@
 
 One step = one batched decode forward over every running sequence that has a single pending token, plus
 prefill chunks of the sequences still prefilling (oldest first; the engine runs them as one packed forward),
-sized so that decode tokens + chunk tokens stay within ``token_budget``. So a long prompt is prefilled a chunk per step while the
-running streams keep decoding (chunked prefill), instead of stalling them for its whole prefill, and short
-prompts admitted together are all prefilled in their first step (the next decode batch is full at once).
+sized so that decode tokens + chunk tokens stay within ``token_budget``. So a long prompt is prefilled a chunk
+per step while the running streams keep decoding (chunked prefill), instead of stalling them for its whole
+prefill, and short prompts admitted together are all prefilled in their first step (the next decode batch is
+full at once).
 
 A sequence's state is ``token_ids`` (prompt, then the generated tokens) and ``num_computed`` (positions
 whose K/V are in its blocks). ``pending = len(token_ids) - num_computed``: 1 means "decode the last token",
